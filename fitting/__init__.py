@@ -1,0 +1,1 @@
+"""Gradient fitting of deformation models to measured difference volumes (see the fitting issue)."""

@@ -1,0 +1,196 @@
+"""Structure-factor engines behind one function, `structure_factor`.
+
+    F(q) = Σ_j m_j f_{s(j)}(|q|) exp(2πi q·r_j)        q in Å⁻¹ (|q| = 1/d), r in Å, m_j the atom mask
+
+Engines (all jit/vmap-safe and differentiable w.r.t. positions, mask and scattering factors):
+
+- "direct": the reference. A chunked sum over atoms × q points for any q (a grid or an (n, 3) list);
+  float64-capable. Cost N·n_q sin/cos.
+- "separable": grid-aligned q only. exp(2πi q·r) = e_x(q_x) e_y(q_y) e_z(q_z), so per species
+  S(q_x, q_y, q_z) = Σ_j e_x[j, a] e_y[j, b] e_z[j, c] is a (n_x n_y × N) @ (N × n_z) matrix product with
+  only N (n_x + n_y + n_z) exponentials. Exact (no approximation); the fast path for hkl windows and
+  the pure-JAX path on GPUs.
+- "nufft": grid-aligned q only. A type-1 NUFFT (jax-finufft) per species; the fast path for full grids
+  on CPU. Accuracy set by `eps`.
+
+Separable and NUFFT compute per-species partial sums S_s(q) = Σ_{j∈s} m_j exp(2πi q·r_j) and combine
+F = Σ_s f_s(|q|) S_s(q); the direct engine gathers f per atom instead, so it checks the other two
+independently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Complex, Float
+
+from jaxpolaron.crystal import Nanocrystal
+from jaxpolaron.reciprocal import Grid
+from jaxpolaron.scattering import ScatteringFactors
+
+Engine = Literal["auto", "direct", "separable", "nufft"]
+ENGINES = ("auto", "direct", "separable", "nufft")
+
+# Memory bound for one chunk of (atoms × q) complex intermediates: 2^22 elements ≈ 32 MB in complex64.
+_CHUNK_ELEMENTS = 1 << 22
+# Above this many grid points per window a NUFFT beats the separable product (measured on 2 CPU cores).
+_NUFFT_MIN_POINTS = 64**3
+
+TWO_PI = 2.0 * math.pi
+
+
+def _complex_dtype(x: Array):
+    return jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
+
+
+# --------------------------------------------------------------------------------------------- direct
+def _direct(crystal: Nanocrystal, scattering: ScatteringFactors, q: Float[Array, "n 3"]) -> Array:
+    n_atoms = crystal.positions.shape[0]
+    chunk = max(1, min(q.shape[0], _CHUNK_ELEMENTS // max(n_atoms, 1)))
+    n_chunks = -(-q.shape[0] // chunk)
+    q_pad = jnp.concatenate([q, jnp.zeros((n_chunks * chunk - q.shape[0], 3), q.dtype)]).reshape(
+        n_chunks, chunk, 3
+    )
+
+    def one_chunk(qc):
+        f_atom = scattering(jnp.linalg.norm(qc, axis=-1))[crystal.species]  # (N, chunk)
+        phase = TWO_PI * crystal.positions @ qc.T  # (N, chunk)
+        return jnp.sum(crystal.mask[:, None] * f_atom * jnp.exp(1j * phase), axis=0)
+
+    return jax.lax.map(one_chunk, q_pad).reshape(-1)[: q.shape[0]]
+
+
+# ------------------------------------------------------------------------------------------ separable
+def _separable_block(positions, weights, axes) -> Array:
+    """Σ_j w_j e^{2πi(q_x x_j + q_y y_j + q_z z_j)} on the grid spanned by `axes`; (nx, ny, nz)."""
+    qx, qy, qz = axes
+    nx, ny, nz = qx.shape[0], qy.shape[0], qz.shape[0]
+    n = positions.shape[0]
+    cdt = _complex_dtype(positions)
+    if n == 0:
+        return jnp.zeros((nx, ny, nz), cdt)
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // (nx * ny)))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    pos = jnp.concatenate([positions, jnp.zeros((pad, 3), positions.dtype)]).reshape(n_chunks, chunk, 3)
+    w = jnp.concatenate([weights, jnp.zeros((pad,), weights.dtype)]).reshape(n_chunks, chunk)
+
+    def step(acc, xs):
+        p, wc = xs
+        ex = jnp.exp(1j * TWO_PI * p[:, 0:1] * qx[None, :]) * wc[:, None]  # (c, nx)
+        ey = jnp.exp(1j * TWO_PI * p[:, 1:2] * qy[None, :])  # (c, ny)
+        ez = jnp.exp(1j * TWO_PI * p[:, 2:3] * qz[None, :])  # (c, nz)
+        exy = (ex[:, :, None] * ey[:, None, :]).reshape(p.shape[0], nx * ny)
+        return acc + (exy.T @ ez).astype(cdt), None
+
+    acc0 = jnp.zeros((nx * ny, nz), cdt)
+    acc, _ = jax.lax.scan(step, acc0, (pos, w))
+    return acc.reshape(nx, ny, nz)
+
+
+def _partials_separable(crystal: Nanocrystal, grid: Grid) -> Array:
+    axes = grid.axes()
+    return jnp.stack(
+        [
+            _separable_block(crystal.positions[a:b], crystal.mask[a:b].astype(crystal.positions.dtype), axes)
+            for a, b in crystal.blocks
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- nufft
+def _nufft_block(positions, weights, grid: Grid, eps: float) -> Array:
+    from jax_finufft import nufft1
+    from jax_finufft.options import Opts
+
+    cdt = _complex_dtype(positions)
+    if positions.shape[0] == 0:
+        return jnp.zeros(grid.shape, cdt)
+    # Grid index i <-> NUFFT mode k = i - n // 2; the centre offset goes into the strengths, the voxel
+    # into the (2π-periodic) point coordinates.
+    strengths = weights.astype(cdt) * jnp.exp(1j * TWO_PI * positions @ grid.centre)
+    pts = [
+        jnp.mod(TWO_PI * grid.voxel[i] * positions[:, i] + math.pi, TWO_PI) - math.pi for i in range(3)
+    ]
+    # upsampfac 1.25: ~10x faster than the default 2.0 on CPU for these sizes (measured).
+    return nufft1(grid.shape, strengths, *pts, eps=eps, iflag=1, opts=Opts(upsampfac=1.25))
+
+
+def _partials_nufft(crystal: Nanocrystal, grid: Grid, eps: float | None) -> Array:
+    if eps is None:
+        eps = 1e-11 if crystal.positions.dtype == jnp.float64 else 1e-6
+    return jnp.stack(
+        [
+            _nufft_block(crystal.positions[a:b], crystal.mask[a:b], grid, eps)
+            for a, b in crystal.blocks
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------ interface
+def choose_engine(q: Grid | Array, engine: Engine = "auto") -> str:
+    """Resolve 'auto': q lists -> direct; small grids (windows) -> separable; big grids -> NUFFT on CPU."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {ENGINES}")
+    if not isinstance(q, Grid):
+        if engine not in ("auto", "direct"):
+            raise ValueError(f"engine {engine!r} needs a grid-aligned q (a Grid), got a q list")
+        return "direct"
+    if engine != "auto":
+        return engine
+    if math.prod(q.shape) >= _NUFFT_MIN_POINTS and jax.default_backend() == "cpu":
+        return "nufft"
+    return "separable"
+
+
+def _single(crystal, scattering, q, engine: str, eps):
+    if engine == "direct":
+        if isinstance(q, Grid):
+            pts = q.points()
+            return _direct(crystal, scattering, pts.reshape(-1, 3)).reshape(q.shape)
+        return _direct(crystal, scattering, q)
+    partials = _partials_separable(crystal, q) if engine == "separable" else _partials_nufft(crystal, q, eps)
+    q_abs = jnp.linalg.norm(q.points(), axis=-1)
+    return jnp.sum(scattering(q_abs) * partials, axis=0)
+
+
+@eqx.filter_jit
+def structure_factor(
+    crystal: Nanocrystal,
+    scattering: ScatteringFactors,
+    q: Grid | Float[Array, "n 3"],
+    engine: Engine = "auto",
+    eps: float | None = None,
+) -> Complex[Array, "..."]:
+    """Complex structure factor F(q) of a finite crystal (electrons).
+
+    Args:
+        crystal: the crystal (positions in Å, crystal frame). Batched crystals: use `jax.vmap`.
+        scattering: per-species f(|q|) matching `crystal.species_names`.
+        q: a `Grid` (windows stacked along a leading axis are vmapped) or an (n, 3) array, Å⁻¹.
+        engine: "auto", "direct", "separable" or "nufft" (see the module docstring).
+        eps: NUFFT tolerance (default 1e-6 in float32, 1e-11 in float64).
+
+    Returns:
+        (*grid.shape) or (n_windows, *grid.shape) for grids; (n,) for a q list. Complex, electrons.
+    """
+    resolved = choose_engine(q, engine)
+    if isinstance(q, Grid) and q.centre.ndim == 2:
+        return jax.vmap(lambda g: _single(crystal, scattering, g, resolved, eps))(q)
+    return _single(crystal, scattering, q, resolved, eps)
+
+
+def intensity(
+    crystal: Nanocrystal,
+    scattering: ScatteringFactors,
+    q: Grid | Float[Array, "n 3"],
+    engine: Engine = "auto",
+    eps: float | None = None,
+) -> Float[Array, "..."]:
+    """|F(q)|² in electrons² (same shapes as `structure_factor`)."""
+    f = structure_factor(crystal, scattering, q, engine, eps)
+    return jnp.real(f) ** 2 + jnp.imag(f) ** 2
