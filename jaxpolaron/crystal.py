@@ -92,7 +92,9 @@ def _block_of_atoms(structure: CrystalStructure, reach: float) -> tuple[np.ndarr
 def _centre_site(structure: CrystalStructure, centre: str) -> np.ndarray:
     """Crystal-frame position (3,) of the `centre` species' site nearest the unit-cell centre."""
     if centre not in structure.species:
-        raise InputError(f"centre site {centre!r} is not a species of {structure.name} ({structure.species}).")
+        raise InputError(
+            f"centre site {centre!r} is not a species of {structure.name} ({structure.species})."
+        )
     index = structure.species.index(centre)
     frac = structure.frac[structure.species_index == index]
     mid = np.full(3, 0.5)
@@ -137,12 +139,24 @@ def cut_nanocrystal(
 # 4 y-parallel edges, placed centrosymmetrically; "edges+facets": 4 edge and 4 facet Cs.
 _EDGE_VACANCIES = {
     "edges": [
-        (1, 5, 5), (-1, -5, -5), (-1, 5, -5), (1, -5, 5),
-        (5, 1, 5), (-5, -1, -5), (5, -1, -5), (-5, 1, 5),
+        (1, 5, 5),
+        (-1, -5, -5),
+        (-1, 5, -5),
+        (1, -5, 5),
+        (5, 1, 5),
+        (-5, -1, -5),
+        (5, -1, -5),
+        (-5, 1, 5),
     ],
     "edges+facets": [
-        (1, 5, 5), (-1, -5, -5), (-1, 5, -5), (1, -5, 5),
-        (1, 1, 5), (-1, -1, -5), (-1, 1, 5), (1, -1, -5),
+        (1, 5, 5),
+        (-1, -5, -5),
+        (-1, 5, -5),
+        (1, -5, 5),
+        (1, 1, 5),
+        (-1, -1, -5),
+        (-1, 1, 5),
+        (1, -1, -5),
     ],
 }
 

@@ -126,7 +126,7 @@ def hkl_label(hkl: Sequence[int]) -> str:
     return "".join(str(int(i)) for i in hkl)
 
 
-def rotation_from_axis_angle(axis: Float[Array, "3"], angle: Float[Array, ""]) -> Float[Array, "3 3"]:
+def rotation_from_axis_angle(axis: Float[Array, 3], angle: Float[Array, ""]) -> Float[Array, "3 3"]:
     """Rotation matrix (3, 3) for a right-handed rotation by `angle` (rad) about `axis` (Rodrigues)."""
     axis = jnp.asarray(axis) / jnp.linalg.norm(axis)
     k = jnp.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])

@@ -58,7 +58,7 @@ class ScatteringFactors(eqx.Module):
     labels: tuple[str, ...] = eqx.field(static=True)
     energy_kev: float = eqx.field(static=True)
 
-    def f0(self, q_abs: Float[Array, "..."]) -> Float[Array, "S ..."]:
+    def f0(self, q_abs: Float[Array, ...]) -> Float[Array, "S ..."]:
         """Thomson scattering factor f0 per species at |q| (Å⁻¹, any shape) -> (S, *q.shape)."""
         s2 = (jnp.asarray(q_abs) / 2.0) ** 2
         expo = jnp.exp(-self.wk_exponent[(..., *([None] * s2.ndim))] * s2)
@@ -66,7 +66,7 @@ class ScatteringFactors(eqx.Module):
             self.wk_scale[(..., *([None] * s2.ndim))] * expo, axis=1
         )
 
-    def __call__(self, q_abs: Float[Array, "..."]) -> Complex[Array, "S ..."]:
+    def __call__(self, q_abs: Float[Array, ...]) -> Complex[Array, "S ..."]:
         """Complex f per species at |q| (Å⁻¹, any shape) -> (S, *q.shape)."""
         extra = (..., *([None] * jnp.ndim(q_abs)))
         return self.f0(q_abs) + self.f1[extra] + 1j * self.f2[extra]

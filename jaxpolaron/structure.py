@@ -208,7 +208,9 @@ def read_cif(path: str | Path | None = None) -> CrystalStructure:
     lattice = np.array(small.cell.orth.mat.tolist()).T  # gemmi's columns are a, b, c
     counts = np.bincount(index, minlength=len(species))
     z_value = block.find_value("_cell_formula_units_Z")
-    z_formula = int(gemmi.cif.as_int(z_value)) if z_value else int(functools.reduce(math.gcd, counts.tolist()))
+    z_formula = (
+        int(gemmi.cif.as_int(z_value)) if z_value else int(functools.reduce(math.gcd, counts.tolist()))
+    )
     ox = _oxidation_numbers(block)
     order = np.argsort(index, kind="stable")  # group atoms by species
     return CrystalStructure(

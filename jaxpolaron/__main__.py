@@ -1,0 +1,5 @@
+import sys
+
+from jaxpolaron.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""Command-line interface: `jaxpolaron simulate ...`.
+
+User mistakes (`InputError`, bad flags) print one line `jaxpolaron: error: ...` and exit 2; anything else
+is a bug and keeps its traceback. Logging and progress bars go to stderr so `--json` output on stdout
+stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxpolaron.errors import InputError
+
+log = logging.getLogger("jaxpolaron")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a single line (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise InputError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _hkl_list(text: str) -> tuple[tuple[int, int, int], ...]:
+    from jaxpolaron.reciprocal import parse_hkl
+
+    return tuple(parse_hkl(t) for t in text.split(",") if t.strip())
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate dark/pump/difference volumes of a nanocrystal or a size ensemble",
+        description="Simulate 3D diffraction volumes (crystal frame, |q| = 1/d in Å⁻¹) of CsPbBr3 "
+        "nanocrystals: windows around pseudo-cubic hkl and/or a full grid.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size-nm", type=float, help="edge length of a single crystal, nm")
+    size.add_argument(
+        "--ensemble", action="store_true", help="Gamma size ensemble (default when --size-nm is not given)"
+    )
+    p.add_argument("--sizes-nm", type=_float_list, help="ensemble sizes, nm (default 3,4,...,15)")
+    p.add_argument("--gamma-shape", type=_positive_float, default=2.0, help="Gamma shape (default 2.0)")
+    p.add_argument(
+        "--mean-nm", type=_positive_float, default=5.4, help="ensemble mean size, nm (default 5.4)"
+    )
+    p.add_argument("--exponent", type=float, default=5.0, help="superellipsoid exponent (default 5.0)")
+    p.add_argument("--centre", default="Pb", help="species whose site is the crystal centre (default Pb)")
+    p.add_argument("--model", default="none", help="deformation model (for now: none)")
+    p.add_argument("--hkl", type=_hkl_list, help="windows around pseudo-cubic hkl, e.g. 200,110,111,400")
+    p.add_argument("--window", type=int, default=33, help="window size in voxels per axis (default 33)")
+    p.add_argument("--voxel", type=_positive_float, default=0.0025, help="window voxel, Å⁻¹ (default 0.0025)")
+    p.add_argument("--grid", type=int, help="also simulate a full N³ grid around q = 0")
+    p.add_argument("--grid-q-max", type=_positive_float, default=0.75, help="full-grid reach, Å⁻¹ (0.75)")
+    p.add_argument("--energy-kev", type=_positive_float, default=13.6, help="beam energy, keV (13.6)")
+    p.add_argument("--ions", action="store_true", help="ionic f0 (formal charges from the CIF)")
+    p.add_argument("--cif", help="structure CIF (default: bundled Pnma CsPbBr3, mp-567629)")
+    p.add_argument("--engine", default="auto", help="auto, direct, separable or nufft")
+    p.add_argument("--x64", action="store_true", help="compute in float64")
+    p.add_argument("--out", help="volume file to write (HDF5, NeXus)")
+    p.add_argument("--png", help="figure to write (slices)")
+    p.add_argument("--json", action="store_true", help="print the per-peak table as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    import jax
+
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    from tqdm import tqdm
+
+    from jaxpolaron import io, plotting
+    from jaxpolaron.simulate import DEFAULT_HKLS, SimulateConfig, simulate
+    from jaxpolaron.structure import read_cif
+
+    # Fail on unwritable outputs before any long computation.
+    out = io.check_writable(args.out) if args.out else None
+    png = io.check_writable(args.png) if args.png else None
+    hkls = args.hkl if args.hkl is not None else (() if args.grid else DEFAULT_HKLS)
+    config = SimulateConfig(
+        cif=args.cif,
+        model=args.model,
+        size_nm=args.size_nm,
+        **({"sizes_nm": args.sizes_nm} if args.sizes_nm else {}),
+        gamma_shape=args.gamma_shape,
+        mean_nm=args.mean_nm,
+        exponent=args.exponent,
+        centre=args.centre,
+        hkls=hkls,
+        window_shape=args.window,
+        window_voxel=args.voxel,
+        grid=args.grid,
+        grid_q_max=args.grid_q_max,
+        energy_kev=args.energy_kev,
+        ions=args.ions,
+        engine=args.engine,
+        x64=args.x64,
+    )
+    config.validate()
+    structure = read_cif(args.cif)
+    t0 = time.perf_counter()
+
+    def progress(items):
+        return tqdm(
+            items, desc="crystal sizes", unit="size", disable=args.quiet or len(items) < 2, file=sys.stderr
+        )
+
+    result = simulate(structure, config, progress=progress)
+    log.info("simulated %d volume(s) in %.1f s", len(result.volumes), time.perf_counter() - t0)
+
+    if out is not None:
+        volumes = [
+            io.Volume(name=v.name, axes=v.axes, dark=v.dark, pump=v.pump, hkl=v.hkl) for v in result.volumes
+        ]
+        prov = io.provenance({"cif": structure.source})
+        stats = {
+            "peaks": result.peaks,
+            "sizes_nm": list(result.sizes_nm),
+            "size_weights": list(result.weights),
+            "n_atoms": list(result.n_atoms),
+        }
+        io.write_volume_file(
+            out, volumes, {"simulate": config_dict(config)}, provenance=prov, statistics=stats
+        )
+        log.info("wrote %s", out)
+    if png is not None:
+        _figures(result, png, plotting)
+    if args.json:
+        json.dump({"peaks": result.peaks}, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+    return 0
+
+
+def config_dict(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def _figures(result, png, plotting) -> None:
+    windows = [v for v in result.volumes if v.hkl is not None]
+    grids = [v for v in result.volumes if v.hkl is None]
+    peak_png = png
+    if grids:
+        plotting.plot_central_slices(grids[0].axes, grids[0].dark, png, title="dark")
+        log.info("wrote %s", png)
+        peak_png = png.with_name(png.stem + "_peaks" + png.suffix)
+    if windows:
+        import numpy as np
+
+        plotting.plot_windows(
+            [
+                (v.name.removeprefix("hkl_"), v.axes, np.array([a[len(a) // 2] for a in v.axes]))
+                for v in windows
+            ],
+            [v.dark for v in windows],
+            [v.pump - v.dark for v in windows],
+            peak_png,
+        )
+        log.info("wrote %s", peak_png)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="jaxpolaron", description="Differential X-ray diffraction of nanocrystals.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser)
+    _add_simulate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            from jaxpolaron import __version__
+
+            print(__version__)
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
+        logging.basicConfig(
+            level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return _run_simulate(args)
+    except InputError as exc:
+        print(f"jaxpolaron: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxpolaron: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

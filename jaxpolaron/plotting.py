@@ -1,0 +1,118 @@
+"""Figures: central slices of a full volume (like the paper's Fig. 2c) and slices through peak windows.
+
+matplotlib is imported inside the functions (headless Agg backend), so importing jaxpolaron stays light.
+All inputs are host arrays; q axes in Å⁻¹ (crystal frame).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _log_image(ax, image: np.ndarray, extent, title: str, fig, floor_decades: float = 6.0):
+    from matplotlib.colors import LogNorm
+
+    positive = image[image > 0]
+    vmax = float(positive.max()) if positive.size else 1.0
+    vmin = vmax * 10.0 ** (-floor_decades)
+    im = ax.imshow(
+        np.clip(image, vmin, None).T, origin="lower", extent=extent, norm=LogNorm(vmin, vmax), cmap="magma"
+    )
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="I (e²)")
+
+
+def _diff_image(ax, image: np.ndarray, extent, title: str, fig):
+    lim = float(np.abs(image).max()) or 1.0
+    im = ax.imshow(image.T, origin="lower", extent=extent, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="ΔI (e²)")
+
+
+def plot_central_slices(
+    axes: Sequence[np.ndarray], volume: np.ndarray, path: str | Path, *, title: str = "dark"
+) -> Path:
+    """Three central slices (normal to q_x, q_y, q_z) of a full-grid volume on a log scale."""
+    plt = _pyplot()
+    qx, qy, qz = (np.asarray(a) for a in axes)
+    ix, iy, iz = (int(np.argmin(np.abs(a))) for a in (qx, qy, qz))
+    fig, axs = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+    panels = [
+        (volume[ix], (qy, qz), ("q_y", "q_z"), f"{title}: q_x = {qx[ix]:+.3f}"),
+        (volume[:, iy], (qx, qz), ("q_x", "q_z"), f"{title}: q_y = {qy[iy]:+.3f}"),
+        (volume[:, :, iz], (qx, qy), ("q_x", "q_y"), f"{title}: q_z = {qz[iz]:+.3f}"),
+    ]
+    for ax, (img, (a, b), (la, lb), ttl) in zip(axs, panels, strict=True):
+        _log_image(ax, np.asarray(img), [a[0], a[-1], b[0], b[-1]], ttl + " Å⁻¹", fig)
+        ax.set_xlabel(f"{la} (Å⁻¹)")
+        ax.set_ylabel(f"{lb} (Å⁻¹)")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _in_plane_axis(g: np.ndarray) -> int:
+    """Index of the axis to slice *normal* to so that G lies (as nearly as possible) in the slice plane."""
+    return int(np.argmin(np.abs(g)))
+
+
+def plot_windows(
+    windows: Sequence[tuple[str, Sequence[np.ndarray], np.ndarray]],
+    dark: Sequence[np.ndarray],
+    difference: Sequence[np.ndarray] | None,
+    path: str | Path,
+) -> Path:
+    """One column per peak: dark slice (log) and, when given and non-zero, ΔI slice through G.
+
+    Args:
+        windows: (label, (qx, qy, qz), G) per window; axes in Å⁻¹.
+        dark: (nx, ny, nz) per window.
+        difference: ΔI per window or None.
+        path: PNG path.
+    """
+    plt = _pyplot()
+    show_diff = difference is not None and any(np.any(d != 0) for d in difference)
+    rows = 2 if show_diff else 1
+    n = len(windows)
+    fig, axs = plt.subplots(rows, n, figsize=(3.6 * n, 3.3 * rows), constrained_layout=True, squeeze=False)
+    names = ("q_x", "q_y", "q_z")
+    for j, (label, axes, g) in enumerate(windows):
+        normal = _in_plane_axis(np.asarray(g))
+        a, b = (i for i in range(3) if i != normal)
+        centre = len(axes[normal]) // 2
+        ext = [axes[a][0], axes[a][-1], axes[b][0], axes[b][-1]]
+        sl = (slice(None),) * normal + (centre,)
+        title = f"({label}) {names[normal]} = {axes[normal][centre]:+.3f} Å⁻¹"
+        _log_image(axs[0, j], np.asarray(dark[j])[sl], ext, "dark " + title, fig)
+        if show_diff and difference is not None:
+            _diff_image(axs[1, j], np.asarray(difference[j])[sl], ext, "ΔI " + title, fig)
+            # arrow from G towards q = 0 marks "inward"
+            ga, gb = float(g[a]), float(g[b])
+            norm = np.hypot(ga, gb) or 1.0
+            span = 0.3 * (ext[1] - ext[0])
+            axs[1, j].annotate(
+                "",
+                xy=(ga - span * ga / norm, gb - span * gb / norm),
+                xytext=(ga, gb),
+                arrowprops={"arrowstyle": "->", "color": "k"},
+            )
+        for r in range(rows):
+            axs[r, j].set_xlabel(f"{names[a]} (Å⁻¹)")
+            axs[r, j].set_ylabel(f"{names[b]} (Å⁻¹)")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
