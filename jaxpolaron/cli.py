@@ -39,7 +39,10 @@ def _positive_float(text: str) -> float:
 def _hkl_list(text: str) -> tuple[tuple[int, int, int], ...]:
     from jaxpolaron.reciprocal import parse_hkl
 
-    return tuple(parse_hkl(t) for t in text.split(",") if t.strip())
+    try:
+        return tuple(parse_hkl(t) for t in text.split(",") if t.strip())
+    except InputError as exc:  # argparse would replace a ValueError's message with a generic one
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -63,9 +66,7 @@ def _add_simulate(sub) -> None:
     )
     p.add_argument("--sizes-nm", type=_float_list, help="ensemble sizes, nm (default 3,4,...,15)")
     p.add_argument("--gamma-shape", type=_positive_float, default=2.0, help="Gamma shape (default 2.0)")
-    p.add_argument(
-        "--mean-nm", type=_positive_float, default=5.4, help="ensemble mean size, nm (default 5.4)"
-    )
+    p.add_argument("--mean-nm", type=_positive_float, default=5.4, help="ensemble mean size, nm (default 5.4)")
     p.add_argument("--exponent", type=float, default=5.0, help="superellipsoid exponent (default 5.0)")
     p.add_argument("--centre", default="Pb", help="species whose site is the crystal centre (default Pb)")
     p.add_argument("--model", default="none", help="deformation model (for now: none)")
@@ -124,17 +125,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     def progress(items):
-        return tqdm(
-            items, desc="crystal sizes", unit="size", disable=args.quiet or len(items) < 2, file=sys.stderr
-        )
+        return tqdm(items, desc="crystal sizes", unit="size", disable=args.quiet or len(items) < 2, file=sys.stderr)
 
     result = simulate(structure, config, progress=progress)
     log.info("simulated %d volume(s) in %.1f s", len(result.volumes), time.perf_counter() - t0)
 
     if out is not None:
-        volumes = [
-            io.Volume(name=v.name, axes=v.axes, dark=v.dark, pump=v.pump, hkl=v.hkl) for v in result.volumes
-        ]
+        volumes = [io.Volume(name=v.name, axes=v.axes, dark=v.dark, pump=v.pump, hkl=v.hkl) for v in result.volumes]
         prov = io.provenance({"cif": structure.source})
         stats = {
             "peaks": result.peaks,
@@ -142,9 +139,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
             "size_weights": list(result.weights),
             "n_atoms": list(result.n_atoms),
         }
-        io.write_volume_file(
-            out, volumes, {"simulate": config_dict(config)}, provenance=prov, statistics=stats
-        )
+        io.write_volume_file(out, volumes, {"simulate": config_dict(config)}, provenance=prov, statistics=stats)
         log.info("wrote %s", out)
     if png is not None:
         _figures(result, png, plotting)
@@ -172,10 +167,7 @@ def _figures(result, png, plotting) -> None:
         import numpy as np
 
         plotting.plot_windows(
-            [
-                (v.name.removeprefix("hkl_"), v.axes, np.array([a[len(a) // 2] for a in v.axes]))
-                for v in windows
-            ],
+            [(v.name.removeprefix("hkl_"), v.axes, np.array([a[len(a) // 2] for a in v.axes])) for v in windows],
             [v.dark for v in windows],
             [v.pump - v.dark for v in windows],
             peak_png,

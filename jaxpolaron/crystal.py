@@ -57,9 +57,7 @@ class Nanocrystal(eqx.Module):
         return {n: int(np.sum(mask & (species == i))) for i, n in enumerate(self.species_names)}
 
 
-def _as_crystal(
-    structure: CrystalStructure, positions: np.ndarray, species: np.ndarray, size_a: float
-) -> Nanocrystal:
+def _as_crystal(structure: CrystalStructure, positions: np.ndarray, species: np.ndarray, size_a: float) -> Nanocrystal:
     order = np.argsort(species, kind="stable")
     positions, species = positions[order], species[order]
     counts = np.bincount(species, minlength=len(structure.species))
@@ -92,9 +90,7 @@ def _block_of_atoms(structure: CrystalStructure, reach: float) -> tuple[np.ndarr
 def _centre_site(structure: CrystalStructure, centre: str) -> np.ndarray:
     """Crystal-frame position (3,) of the `centre` species' site nearest the unit-cell centre."""
     if centre not in structure.species:
-        raise InputError(
-            f"centre site {centre!r} is not a species of {structure.name} ({structure.species})."
-        )
+        raise InputError(f"centre site {centre!r} is not a species of {structure.name} ({structure.species}).")
     index = structure.species.index(centre)
     frac = structure.frac[structure.species_index == index]
     mid = np.full(3, 0.5)

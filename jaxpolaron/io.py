@@ -100,9 +100,7 @@ class Volume:
             arrays[f"{g} weight"] = w
         for label, arr in arrays.items():
             if np.shape(arr) != self.shape:
-                raise ValueError(
-                    f"volume {self.name!r}: {label} has shape {np.shape(arr)}, axes give {self.shape}."
-                )
+                raise ValueError(f"volume {self.name!r}: {label} has shape {np.shape(arr)}, axes give {self.shape}.")
         if self.hkl is not None and len(self.hkl) != 3:
             raise ValueError(f"volume {self.name!r}: hkl must be three integers, got {self.hkl}.")
 
@@ -287,9 +285,7 @@ def _write_volume(entry: h5py.Group, v: Volume) -> None:
     if "difference" not in data and "dark" in data and "pump" in data:
         data["difference"] = np.asarray(v.pump) - np.asarray(v.dark)
     g = entry.create_group(v.name)
-    g.attrs.update(
-        NX_class="NXcollection", kind=v.kind, default=next(k for k in reversed(GROUPS) if k in data)
-    )
+    g.attrs.update(NX_class="NXcollection", kind=v.kind, default=next(k for k in reversed(GROUPS) if k in data))
     if v.hkl is not None:
         g.attrs["hkl"] = np.asarray(v.hkl, dtype=np.int64)
     for group in GROUPS:
@@ -371,10 +367,7 @@ def read_volume_file(path: str | Path) -> VolumeFile:
             entry = f["entry"]
             config, prov = _read_json(entry, "config", path), _read_json(entry, "provenance", path)
             stats = _read_json(entry, "statistics", path) if "statistics" in entry else None
-            volumes = {
-                v.name: v
-                for v in (_read_volume(g, path) for g in entry.values() if isinstance(g, h5py.Group))
-            }
+            volumes = {v.name: v for v in (_read_volume(g, path) for g in entry.values() if isinstance(g, h5py.Group))}
     except OSError as e:
         raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?).") from e
     if not volumes:

@@ -42,9 +42,7 @@ def _mirror(values: Float[Array, "nx ny nz"], grid: Grid, g_hat: Array) -> tuple
     return sampled, inside
 
 
-def peak_metrics(
-    grid: Grid, dark: Float[Array, "nx ny nz"], pump: Float[Array, "nx ny nz"]
-) -> dict[str, Array]:
+def peak_metrics(grid: Grid, dark: Float[Array, "nx ny nz"], pump: Float[Array, "nx ny nz"]) -> dict[str, Array]:
     """Metrics of one window (a single, unstacked `Grid` centred on G). Returns 0-d arrays."""
     g = grid.centre
     g_hat = g / jnp.linalg.norm(g)

@@ -27,9 +27,7 @@ def _log_image(ax, image: np.ndarray, extent, title: str, fig, floor_decades: fl
     positive = image[image > 0]
     vmax = float(positive.max()) if positive.size else 1.0
     vmin = vmax * 10.0 ** (-floor_decades)
-    im = ax.imshow(
-        np.clip(image, vmin, None).T, origin="lower", extent=extent, norm=LogNorm(vmin, vmax), cmap="magma"
-    )
+    im = ax.imshow(np.clip(image, vmin, None).T, origin="lower", extent=extent, norm=LogNorm(vmin, vmax), cmap="magma")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8, label="I (e²)")
 

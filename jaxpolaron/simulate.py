@@ -139,9 +139,7 @@ def simulate(
     crystals = size_crystals(structure, sizes, exponent=config.exponent, centre=config.centre)
     distribution = GammaSizes(config.gamma_shape, config.mean_nm)
     weights = (
-        jnp.ones(1, jnp.result_type(float))
-        if config.size_nm is not None
-        else distribution.weights(jnp.asarray(sizes))
+        jnp.ones(1, jnp.result_type(float)) if config.size_nm is not None else distribution.weights(jnp.asarray(sizes))
     )
 
     def averaged(q: Grid) -> np.ndarray:

@@ -193,9 +193,7 @@ def read_cif(path: str | Path | None = None) -> CrystalStructure:
         raise InputError(f"CIF {label} has no atom sites (_atom_site_fract_x/y/z loop missing).")
     for site in small.sites:
         if site.element.atomic_number == 0:
-            raise InputError(
-                f"CIF {label}: site {site.label!r} has unknown element symbol {site.type_symbol!r}."
-            )
+            raise InputError(f"CIF {label}: site {site.label!r} has unknown element symbol {site.type_symbol!r}.")
     if small.cell.a <= 0 or small.cell.volume <= 0:
         raise InputError(f"CIF {label} has no valid unit cell.")
     all_sites = small.get_all_unit_cell_sites()
@@ -208,9 +206,7 @@ def read_cif(path: str | Path | None = None) -> CrystalStructure:
     lattice = np.array(small.cell.orth.mat.tolist()).T  # gemmi's columns are a, b, c
     counts = np.bincount(index, minlength=len(species))
     z_value = block.find_value("_cell_formula_units_Z")
-    z_formula = (
-        int(gemmi.cif.as_int(z_value)) if z_value else int(functools.reduce(math.gcd, counts.tolist()))
-    )
+    z_formula = int(gemmi.cif.as_int(z_value)) if z_value else int(functools.reduce(math.gcd, counts.tolist()))
     ox = _oxidation_numbers(block)
     order = np.argsort(index, kind="stable")  # group atoms by species
     return CrystalStructure(

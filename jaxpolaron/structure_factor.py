@@ -52,9 +52,7 @@ def _direct(crystal: Nanocrystal, scattering: ScatteringFactors, q: Float[Array,
     n_atoms = crystal.positions.shape[0]
     chunk = max(1, min(q.shape[0], _CHUNK_ELEMENTS // max(n_atoms, 1)))
     n_chunks = -(-q.shape[0] // chunk)
-    q_pad = jnp.concatenate([q, jnp.zeros((n_chunks * chunk - q.shape[0], 3), q.dtype)]).reshape(
-        n_chunks, chunk, 3
-    )
+    q_pad = jnp.concatenate([q, jnp.zeros((n_chunks * chunk - q.shape[0], 3), q.dtype)]).reshape(n_chunks, chunk, 3)
 
     def one_chunk(qc):
         f_atom = scattering(jnp.linalg.norm(qc, axis=-1))[crystal.species]  # (N, chunk)
@@ -121,9 +119,7 @@ def _nufft_block(positions, weights, grid: Grid, eps: float) -> Array:
 def _partials_nufft(crystal: Nanocrystal, grid: Grid, eps: float | None) -> Array:
     if eps is None:
         eps = 1e-11 if crystal.positions.dtype == jnp.float64 else 1e-6
-    return jnp.stack(
-        [_nufft_block(crystal.positions[a:b], crystal.mask[a:b], grid, eps) for a, b in crystal.blocks]
-    )
+    return jnp.stack([_nufft_block(crystal.positions[a:b], crystal.mask[a:b], grid, eps) for a, b in crystal.blocks])
 
 
 # ------------------------------------------------------------------------------------------ interface

@@ -29,9 +29,7 @@ def _volumes():
     )
     gshape = (50, 48, 52)  # > 1e5 voxels: chunked and compressed
     grid = io.Volume(name="grid", axes=_axes(gshape), dark=rng.random(gshape), pump=rng.random(gshape))
-    diff_only = io.Volume(
-        name="hkl_1-10", axes=_axes((3, 3, 3)), difference=-np.ones((3, 3, 3)), hkl=(1, -1, 0)
-    )
+    diff_only = io.Volume(name="hkl_1-10", axes=_axes((3, 3, 3)), difference=-np.ones((3, 3, 3)), hkl=(1, -1, 0))
     return [window, grid, diff_only]
 
 
@@ -116,9 +114,7 @@ def test_provenance():
 def test_describe_input(tmp_path):
     f = tmp_path / "a.cif"
     f.write_bytes(b"")
-    assert io.describe_input(f).endswith(
-        "(sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855)"
-    )
+    assert io.describe_input(f).endswith("(sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855)")
 
 
 def _read_error(path) -> str:

@@ -1,0 +1,18 @@
+"""Shared fixtures. JAX runs in float32 by default; float64 references switch x64 on locally with
+`jax.enable_x64(True)` (objects must be *built* inside the context to get float64 arrays)."""
+
+import jax
+import pytest
+
+from jaxpolaron.structure import read_cif
+
+
+@pytest.fixture(scope="session")
+def structure():
+    return read_cif()
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
