@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 simulate: $(STAMP)
 	mkdir -p out
-	$(BIN)/jaxpolaron simulate --ensemble --out out/ensemble_5nm.h5 --png out/ensemble_5nm.png --json
+	$(BIN)/jaxpolaron simulate --ensemble --grid 128 --out out/ensemble_5nm.h5 --png out/ensemble_5nm.png --json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

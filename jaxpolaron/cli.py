@@ -22,7 +22,7 @@ log = logging.getLogger("jaxpolaron")
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a single line (no usage dump)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise InputError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxpolaron.errors import InputError
 
@@ -86,11 +87,11 @@ class CrystalStructure:
         """(n_cell, 3) atom positions of one unit cell in the crystal frame, Å."""
         return self.frac @ self.lattice @ self.pseudo_cubic.rotation.T
 
-    def hkl_to_ortho(self, hkl: np.ndarray) -> np.ndarray:
+    def hkl_to_ortho(self, hkl: ArrayLike) -> np.ndarray:
         """Pseudo-cubic (..., 3) Miller indices -> conventional-cell indices (..., 3) (may be non-integer)."""
         return np.asarray(hkl, float) @ np.linalg.inv(self.pseudo_cubic.basis_frac).T
 
-    def q_of_hkl(self, hkl: np.ndarray) -> np.ndarray:
+    def q_of_hkl(self, hkl: ArrayLike) -> np.ndarray:
         """Reciprocal-lattice vector of pseudo-cubic (..., 3) hkl in the crystal frame, Å⁻¹ (..., 3)."""
         return self.hkl_to_ortho(hkl) @ self.reciprocal @ self.pseudo_cubic.rotation.T
 
@@ -117,7 +118,7 @@ def derive_pseudo_cubic(lattice: np.ndarray, z_formula: int) -> PseudoCubic:
     """
     volume = abs(np.linalg.det(lattice))
     a_pc = (volume / z_formula) ** (1.0 / 3.0)
-    candidates = []
+    candidates: list[np.ndarray] = []
     for n in itertools.product(range(-2, 3), repeat=3):
         v = np.array(n, float) / 2.0
         if not np.any(n) or tuple(-x for x in n) in [tuple(c * 2) for c in candidates]:
