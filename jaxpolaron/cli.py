@@ -39,6 +39,8 @@ def _positive_float(text: str) -> float:
 def _hkl_list(text: str) -> tuple[tuple[int, int, int], ...]:
     from jaxpolaron.reciprocal import parse_hkl
 
+    if text.strip().lower() == "none":
+        return ()
     try:
         return tuple(parse_hkl(t) for t in text.split(",") if t.strip())
     except InputError as exc:  # argparse would replace a ValueError's message with a generic one
@@ -70,7 +72,11 @@ def _add_simulate(sub) -> None:
     p.add_argument("--exponent", type=float, default=5.0, help="superellipsoid exponent (default 5.0)")
     p.add_argument("--centre", default="Pb", help="species whose site is the crystal centre (default Pb)")
     p.add_argument("--model", default="none", help="deformation model (for now: none)")
-    p.add_argument("--hkl", type=_hkl_list, help="windows around pseudo-cubic hkl, e.g. 200,110,111,400")
+    p.add_argument(
+        "--hkl",
+        type=_hkl_list,
+        help="windows around pseudo-cubic hkl (default 200,110,111,400; 'none' for no windows)",
+    )
     p.add_argument("--window", type=int, default=33, help="window size in voxels per axis (default 33)")
     p.add_argument("--voxel", type=_positive_float, default=0.0025, help="window voxel, Å⁻¹ (default 0.0025)")
     p.add_argument("--grid", type=int, help="also simulate a full N³ grid around q = 0")
@@ -100,7 +106,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     # Fail on unwritable outputs before any long computation.
     out = io.check_writable(args.out) if args.out else None
     png = io.check_writable(args.png) if args.png else None
-    hkls = args.hkl if args.hkl is not None else (() if args.grid else DEFAULT_HKLS)
+    hkls = args.hkl if args.hkl is not None else DEFAULT_HKLS
     config = SimulateConfig(
         cif=args.cif,
         model=args.model,
@@ -200,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" probe noise
         return _run_simulate(args)
     except InputError as exc:
         print(f"jaxpolaron: error: {exc}", file=sys.stderr)

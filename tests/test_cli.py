@@ -71,3 +71,14 @@ def test_unknown_element_cif_from_console(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"jaxpolaron: error: CIF {cif} : site 'Br1' has unknown element symbol 'Qq'.".replace(" :", ":")]
+
+
+def test_default_windows_with_grid_and_none(tmp_path, capsys):
+    """The main job's shape: --grid keeps the default four peak windows; --hkl none drops them."""
+    assert main(["simulate", "--size-nm", "3", "--grid", "8", "--window", "5", "-q", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["peaks"]) == {"200", "110", "111", "400"}
+    out = tmp_path / "g.h5"
+    assert main(["simulate", "--size-nm", "3", "--grid", "8", "--hkl", "none", "-q", "--out", str(out)]) == 0
+    assert set(io.read_volume_file(out).volumes) == {"grid"}
+    assert main(["simulate", "--size-nm", "3", "--hkl", "none", "-q"]) == 2
+    assert "nothing to simulate" in capsys.readouterr().err
