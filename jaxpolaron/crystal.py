@@ -31,6 +31,8 @@ class Nanocrystal(eqx.Module):
         positions: (n, 3) atom positions in the crystal frame, Å; padded atoms sit at the origin.
         species: (n,) species index into `species_names`.
         mask: (n,) 1.0 for a real atom, 0.0 for padding (same dtype as positions).
+        ideal: (n, 3) the atom's site in the untilted ideal perovskite, Å (same lattice vectors, fractional
+            coordinates rounded to the nearest 1/4; notes/physics.md). positions - ideal is the Pnma tilt.
         size: () edge length of the envelope, Å (the s of the paper's Eq. 5).
         species_names: element symbol per species index.
         oxidation: formal charge per species index.
@@ -40,6 +42,7 @@ class Nanocrystal(eqx.Module):
     positions: Float[Array, "n 3"]
     species: Int[Array, " n"]
     mask: Float[Array, " n"]
+    ideal: Float[Array, "n 3"]
     size: Float[Array, ""]
     species_names: tuple[str, ...] = eqx.field(static=True)
     oxidation: tuple[int, ...] = eqx.field(static=True)
@@ -57,9 +60,11 @@ class Nanocrystal(eqx.Module):
         return {n: int(np.sum(mask & (species == i))) for i, n in enumerate(self.species_names)}
 
 
-def _as_crystal(structure: CrystalStructure, positions: np.ndarray, species: np.ndarray, size_a: float) -> Nanocrystal:
+def _as_crystal(
+    structure: CrystalStructure, positions: np.ndarray, ideal: np.ndarray, species: np.ndarray, size_a: float
+) -> Nanocrystal:
     order = np.argsort(species, kind="stable")
-    positions, species = positions[order], species[order]
+    positions, ideal, species = positions[order], ideal[order], species[order]
     counts = np.bincount(species, minlength=len(structure.species))
     stops = np.cumsum(counts)
     blocks = tuple((int(a), int(b)) for a, b in zip(stops - counts, stops, strict=True))
@@ -67,6 +72,7 @@ def _as_crystal(structure: CrystalStructure, positions: np.ndarray, species: np.
         positions=jnp.asarray(positions, dtype=jnp.result_type(float)),
         species=jnp.asarray(species, jnp.int32),
         mask=jnp.ones(len(species), jnp.result_type(float)),
+        ideal=jnp.asarray(ideal, dtype=jnp.result_type(float)),
         size=jnp.asarray(size_a, jnp.result_type(float)),
         species_names=structure.species,
         oxidation=structure.oxidation,
@@ -74,17 +80,18 @@ def _as_crystal(structure: CrystalStructure, positions: np.ndarray, species: np.
     )
 
 
-def _block_of_atoms(structure: CrystalStructure, reach: float) -> tuple[np.ndarray, np.ndarray]:
-    """All atoms of the periodic structure within `reach` Å of the origin cell (crystal frame)."""
+def _block_of_atoms(structure: CrystalStructure, reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, ideal-perovskite sites (both Å, crystal frame) and species of all atoms within `reach` Å."""
     lengths = np.linalg.norm(structure.lattice, axis=1)
     n = int(np.ceil(reach / lengths.min())) + 1
     cells = np.array(list(itertools.product(range(-n, n + 1), repeat=3)), float)
     frac = (cells[:, None, :] + structure.frac[None]).reshape(-1, 3)
     rot = structure.pseudo_cubic.rotation
     pos = frac @ structure.lattice @ rot.T
+    ideal = np.round(frac * 4.0) / 4.0 @ structure.lattice @ rot.T
     species = np.tile(structure.species_index, len(cells))
     keep = np.max(np.abs(pos), axis=1) <= reach
-    return pos[keep], species[keep]
+    return pos[keep], ideal[keep], species[keep]
 
 
 def _centre_site(structure: CrystalStructure, centre: str) -> np.ndarray:
@@ -122,12 +129,12 @@ def cut_nanocrystal(
         raise InputError(f"superellipsoid exponent must be >= 1, got {exponent}.")
     half = 5.0 * size_nm  # Å
     origin = _centre_site(structure, centre)
-    pos, species = _block_of_atoms(structure, half + 2 * structure.pseudo_cubic.a_pc)
-    pos = pos - origin
+    pos, ideal, species = _block_of_atoms(structure, half + 2 * structure.pseudo_cubic.a_pc)
+    pos, ideal = pos - origin, ideal - origin
     inside = np.sum(np.abs(pos / half) ** exponent, axis=1) <= 1.0 + 1e-9
     if not inside.any():
         raise InputError(f"a {size_nm} nm crystal contains no atoms.")
-    return _as_crystal(structure, pos[inside], species[inside], 2 * half)
+    return _as_crystal(structure, pos[inside], ideal[inside], species[inside], 2 * half)
 
 
 # Cs vacancies of the DFT model beyond the 8 corners, as doubled pseudo-cubic coordinates of A sites
@@ -182,8 +189,8 @@ def dft_cube(
         raise InputError(f"the DFT cube needs exactly 8 extra Cs vacancies, got {len(sites)}.")
     origin = _centre_site(structure, "Pb")
     a_pc = structure.pseudo_cubic.a_pc
-    pos, species = _block_of_atoms(structure, 4 * a_pc)
-    pos = pos - origin
+    pos, ideal, species = _block_of_atoms(structure, 4 * a_pc)
+    pos, ideal = pos - origin, ideal - origin
     doubled = np.rint(2 * pos @ np.linalg.inv(structure.pseudo_cubic_axes())).astype(int)
     name = np.array(structure.species)[species]
     odd = doubled % 2 == 1
@@ -195,7 +202,7 @@ def dft_cube(
     removed = {tuple(s) for s in sites}
     extra = np.array([tuple(d) in removed for d in doubled])
     keep |= (name == "Cs") & (n_odd == 3) & (np.abs(doubled) <= 5).all(axis=1) & ~corner & ~extra
-    crystal = _as_crystal(structure, pos[keep], species[keep], 5 * a_pc)
+    crystal = _as_crystal(structure, pos[keep], ideal[keep], species[keep], 5 * a_pc)
     if crystal.composition() != {"Cs": 200, "Pb": 125, "Br": 450}:
         raise InputError(f"DFT cube came out as {crystal.composition()}; check the vacancy sites {sites}.")
     return crystal
@@ -203,13 +210,14 @@ def dft_cube(
 
 def pad(crystal: Nanocrystal, block_sizes: Sequence[int]) -> Nanocrystal:
     """Pad each species block to `block_sizes[s]` atoms (mask 0, at the origin) so crystals can be stacked."""
-    pieces_p, pieces_s, pieces_m, blocks = [], [], [], []
+    pieces_p, pieces_i, pieces_s, pieces_m, blocks = [], [], [], [], []
     start = 0
     for s, ((a, b), n) in enumerate(zip(crystal.blocks, block_sizes, strict=True)):
         if n < b - a:
             raise ValueError(f"block {s} has {b - a} atoms, cannot pad to {n}")
         extra = n - (b - a)
         pieces_p += [crystal.positions[a:b], jnp.zeros((extra, 3), crystal.positions.dtype)]
+        pieces_i += [crystal.ideal[a:b], jnp.zeros((extra, 3), crystal.ideal.dtype)]
         pieces_s += [crystal.species[a:b], jnp.full((extra,), s, jnp.int32)]
         pieces_m += [crystal.mask[a:b], jnp.zeros((extra,), crystal.mask.dtype)]
         blocks.append((start, start + n))
@@ -218,6 +226,7 @@ def pad(crystal: Nanocrystal, block_sizes: Sequence[int]) -> Nanocrystal:
         positions=jnp.concatenate(pieces_p),
         species=jnp.concatenate(pieces_s),
         mask=jnp.concatenate(pieces_m),
+        ideal=jnp.concatenate(pieces_i),
         size=crystal.size,
         species_names=crystal.species_names,
         oxidation=crystal.oxidation,
