@@ -55,3 +55,19 @@ def test_zero_difference(strained):
         assert row["odd_fraction"] is None
     np.testing.assert_allclose(table["200"]["q"], np.asarray(grid_item(windows, 0).centre))
     assert jnp.isfinite(jnp.asarray(table["400"]["integrated_dark"]))
+
+
+def test_least_squares_shift_and_intensity(strained):
+    """The LS fit separates a shift from an intensity change: +1e-4 expansion -> s ≈ -1e-4 |G|, α ≈ 0;
+    a 1 % brighter peak -> s ≈ 0, α ≈ 0.01."""
+    windows, dark, pump = strained
+    for i, _ in enumerate(HKLS):
+        g = grid_item(windows, i)
+        q_abs = float(jnp.linalg.norm(g.centre))
+        m = peak_metrics(g, dark[i], pump[i])
+        assert float(m["shift_ls"]) / (-1e-4 * q_abs) == pytest.approx(1.0, abs=0.1)
+        assert abs(float(m["intensity_ls"])) < 2e-4
+        both = peak_metrics(g, dark[i], 1.01 * pump[i])
+        assert float(both["intensity_ls"]) == pytest.approx(0.01, abs=5e-4)
+        assert float(both["shift_ls"]) / (-1e-4 * q_abs) == pytest.approx(1.0, abs=0.15)
+        assert float(both["delta_integrated"]) == pytest.approx(0.01, abs=5e-4)
