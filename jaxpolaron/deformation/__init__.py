@@ -1,5 +1,17 @@
 """Deformation models: each maps a crystal (and a key, if random) to per-atom displacements in Å."""
 
 from jaxpolaron.deformation.base import Deformation, displaced, species_values
+from jaxpolaron.deformation.charge_field import CentralHole, RandomHole, sample_holes
+from jaxpolaron.deformation.phonon import PhononMode
+from jaxpolaron.deformation.tilt import TiltRelaxation
 
-__all__ = ["Deformation", "displaced", "species_values"]
+__all__ = [
+    "CentralHole",
+    "Deformation",
+    "PhononMode",
+    "RandomHole",
+    "TiltRelaxation",
+    "displaced",
+    "sample_holes",
+    "species_values",
+]
