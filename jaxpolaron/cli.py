@@ -71,7 +71,34 @@ def _add_simulate(sub) -> None:
     p.add_argument("--mean-nm", type=_positive_float, default=5.4, help="ensemble mean size, nm (default 5.4)")
     p.add_argument("--exponent", type=float, default=5.0, help="superellipsoid exponent (default 5.0)")
     p.add_argument("--centre", default="Pb", help="species whose site is the crystal centre (default Pb)")
-    p.add_argument("--model", default="none", help="deformation model (for now: none)")
+    p.add_argument(
+        "--model",
+        default="none",
+        help="deformation model: none, central-hole, random-hole, tilt, phonon or external (default none)",
+    )
+    method = p.add_mutually_exclusive_group()
+    method.add_argument(
+        "--exact", dest="method", action="store_const", const="exact", help="ΔI from |F|² of each sample"
+    )
+    method.add_argument("--linear", dest="method", action="store_const", const="linear", help="first order (default)")
+    method.add_argument("--second-order", dest="method", action="store_const", const="second", help="+ 2nd order")
+    m = p.add_argument_group("model parameters")
+    m.add_argument("--holes", type=int, default=64, help="hole samples per crystal size (random-hole; 64)")
+    m.add_argument("--seed", type=int, default=0, help="PRNG seed for hole sampling (0)")
+    m.add_argument("--k-cs", type=_positive_float, default=1.0, help="Cs spring constant (relative; 1)")
+    m.add_argument("--k-pb", type=_positive_float, default=1.0, help="Pb spring constant (relative; 1)")
+    m.add_argument("--k-br", type=_positive_float, default=1.0, help="Br spring constant (relative; 1)")
+    m.add_argument("--hole-bias", type=_positive_float, default=0.1, help="hole bias exponent (1 uniform; 0.1)")
+    m.add_argument("--electron-strength", type=float, default=1.0, help="electron sphere charge factor (1)")
+    m.add_argument("--softening-a", type=_positive_float, default=1.0, help="hole field softening, Å (1.0)")
+    m.add_argument("--amplitude", type=float, help="model amplitude, Å (model default)")
+    m.add_argument("--t0", type=float, default=0.8, help="tilt parameter at the centre (0.8; >1 = more tilt)")
+    m.add_argument("--width-fraction", type=_positive_float, help="tilt/phonon profile width / (size/2)")
+    m.add_argument("--tilt-profile", default="quadratic", help="tilt profile: quadratic (paper) or gaussian")
+    m.add_argument("--ground-xyz", help="external model: ground-state geometry (.xyz, Å, crystal frame)")
+    m.add_argument("--excited-xyz", help="external model: excited-state geometry (.xyz, same atom order)")
+    m.add_argument("--gamma0-t", type=float, default=1.0, help="occupancy γ0·t (SI S2; 1.0)")
+    m.add_argument("--gamma-ratio", type=float, default=0.4, help="occupancy γ1/γ0 (SI S2; 0.4)")
     p.add_argument(
         "--hkl",
         type=_hkl_list,
@@ -125,6 +152,23 @@ def _run_simulate(args: argparse.Namespace) -> int:
         ions=args.ions,
         engine=args.engine,
         x64=args.x64,
+        method=args.method or "linear",
+        holes=args.holes,
+        seed=args.seed,
+        gamma0_t=args.gamma0_t,
+        gamma_ratio=args.gamma_ratio,
+        k_cs=args.k_cs,
+        k_pb=args.k_pb,
+        k_br=args.k_br,
+        hole_bias=args.hole_bias,
+        electron_strength=args.electron_strength,
+        softening_a=args.softening_a,
+        amplitude=args.amplitude,
+        t0=args.t0,
+        width_fraction=args.width_fraction,
+        tilt_profile=args.tilt_profile,
+        ground_xyz=args.ground_xyz,
+        excited_xyz=args.excited_xyz,
     )
     config.validate()
     structure = read_cif(args.cif)

@@ -9,20 +9,32 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpolaron.crystal import Nanocrystal
+from jaxpolaron.deformation import (
+    CentralHole,
+    Deformation,
+    PhononMode,
+    RandomHole,
+    TiltRelaxation,
+    external_pair,
+)
 from jaxpolaron.ensemble import (
     DEFAULT_GAMMA_SHAPE,
     DEFAULT_MEAN_NM,
     DEFAULT_SIZES_NM,
+    METHODS,
     GammaSizes,
-    ensemble_average,
+    pumped_difference,
     size_crystals,
-    size_intensities,
     validate_sizes,
 )
 from jaxpolaron.errors import InputError
+from jaxpolaron.excitation import Occupancy
 from jaxpolaron.metrics import peak_table
 from jaxpolaron.reciprocal import (
     DEFAULT_WINDOW_SHAPE,
@@ -35,9 +47,10 @@ from jaxpolaron.reciprocal import (
 )
 from jaxpolaron.scattering import DEFAULT_ENERGY_KEV, scattering_factors, wavelength_a
 from jaxpolaron.structure import CrystalStructure
-from jaxpolaron.structure_factor import ENGINES
+from jaxpolaron.structure_factor import ENGINES, intensity
 
-MODELS = ("none",)
+MODELS = ("none", "central-hole", "random-hole", "tilt", "phonon", "external")
+PHONON_DEFAULT_AMPLITUDE = 0.02  # Å, axial Br; Cannelli et al. give ratios only
 DEFAULT_HKLS = ((2, 0, 0), (1, 1, 0), (1, 1, 1), (4, 0, 0))
 
 
@@ -66,11 +79,44 @@ class SimulateConfig:
     ions: bool = False
     engine: str = "auto"
     x64: bool = False
+    # pumped ensemble
+    method: str = "linear"
+    holes: int = 64
+    seed: int = 0
+    gamma0_t: float = 1.0
+    gamma_ratio: float = 0.4
+    # model parameters (None: the model's own default)
+    k_cs: float = 1.0
+    k_pb: float = 1.0
+    k_br: float = 1.0
+    hole_bias: float = 0.1
+    electron_strength: float = 1.0
+    softening_a: float = 1.0
+    amplitude: float | None = None
+    t0: float = 0.8
+    width_fraction: float | None = None
+    tilt_profile: str = "quadratic"
+    ground_xyz: str | None = None
+    excited_xyz: str | None = None
 
     def validate(self) -> None:
         """Raise InputError for values no simulation can use."""
         if self.model not in MODELS:
             raise InputError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}.")
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
+        if self.holes < 1:
+            raise InputError(f"--holes must be >= 1, got {self.holes}.")
+        if min(self.k_cs, self.k_pb, self.k_br) <= 0:
+            raise InputError("spring constants --k-cs/--k-pb/--k-br must be positive.")
+        if not 0 < self.hole_bias <= 1:
+            raise InputError(f"--hole-bias must be in (0, 1], got {self.hole_bias}.")
+        if self.softening_a <= 0:
+            raise InputError(f"--softening-a must be positive, got {self.softening_a}.")
+        if self.gamma0_t < 0 or self.gamma_ratio < 0:
+            raise InputError("occupancy parameters --gamma0-t and --gamma-ratio must be >= 0.")
+        if self.model == "external" and not (self.ground_xyz and self.excited_xyz):
+            raise InputError("--model external needs --ground-xyz and --excited-xyz.")
         if self.engine not in ENGINES:
             raise InputError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}.")
         if self.size_nm is not None:
@@ -124,49 +170,116 @@ def check_reachable(structure: CrystalStructure, config: SimulateConfig) -> None
         )
 
 
+def build_model(config: SimulateConfig, structure: CrystalStructure, crystal: Nanocrystal) -> Deformation | None:
+    """The configured deformation model for `crystal` (None for model 'none')."""
+    amp = {} if config.amplitude is None else {"amplitude": config.amplitude}
+    width = {} if config.width_fraction is None else {"width_fraction": config.width_fraction}
+    charge = {
+        "k": [{"Cs": config.k_cs, "Pb": config.k_pb, "Br": config.k_br}.get(s, 1.0) for s in crystal.species_names],
+        "softening": config.softening_a,
+        "electron_strength": config.electron_strength,
+        **amp,
+    }
+    if config.model == "none":
+        return None
+    if config.model == "central-hole":
+        return CentralHole.for_crystal(crystal, **charge)
+    if config.model == "random-hole":
+        return RandomHole.for_crystal(crystal, hole_bias=config.hole_bias, **charge)
+    if config.model == "tilt":
+        return TiltRelaxation(t0=config.t0, profile=config.tilt_profile, **width)  # type: ignore[arg-type]
+    if config.model == "phonon":
+        return PhononMode.from_structure(structure, amplitude=config.amplitude or PHONON_DEFAULT_AMPLITUDE, **width)
+    raise AssertionError(config.model)  # external is built with its own crystal in `simulate`
+
+
 def simulate(
     structure: CrystalStructure,
     config: SimulateConfig,
     *,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> SimulationResult:
-    """Run the configured simulation (model 'none': pump = dark, ΔI = 0)."""
+    """Run the configured simulation: dark and pumped size-ensemble intensities and their difference.
+
+    Each size is simulated with its own crystal and hole samples (sub-keys of `config.seed`); the ensemble
+    averages dark and ΔI with the Gamma weights; pump = dark + ΔI.
+    """
     config.validate()
     check_reachable(structure, config)
     charges = structure.oxidation if config.ions else None
     scattering = scattering_factors(structure.species, config.energy_kev, charges=charges)
-    sizes = (config.size_nm,) if config.size_nm is not None else tuple(config.sizes_nm)
-    crystals = size_crystals(structure, sizes, exponent=config.exponent, centre=config.centre)
-    distribution = GammaSizes(config.gamma_shape, config.mean_nm)
-    weights = (
-        jnp.ones(1, jnp.result_type(float)) if config.size_nm is not None else distribution.weights(jnp.asarray(sizes))
-    )
+    occupancy = Occupancy(config.gamma0_t, config.gamma_ratio)
+    if config.model == "external":
+        geometry = external_pair(
+            config.ground_xyz,
+            config.excited_xyz,
+            species_order=structure.species,
+            centre=config.centre,  # type: ignore[arg-type]
+        )
+        crystals = [geometry.crystal]
+        models: list[Deformation | None] = [with_amplitude(geometry.displacement, config.amplitude)]
+        sizes: tuple[float, ...] = (float(geometry.crystal.size) / 10.0,)
+        weights = np.ones(1)
+    else:
+        sizes = (config.size_nm,) if config.size_nm is not None else tuple(config.sizes_nm)
+        crystals = size_crystals(structure, sizes, exponent=config.exponent, centre=config.centre)
+        models = [build_model(config, structure, c) for c in crystals]
+        weights = (
+            np.ones(1)
+            if config.size_nm is not None
+            else np.asarray(GammaSizes(config.gamma_shape, config.mean_nm).weights(jnp.asarray(sizes)))
+        )
+    key = jax.random.key(config.seed)
 
-    def averaged(q: Grid) -> np.ndarray:
-        per_size = size_intensities(crystals, scattering, q, engine=config.engine, progress=progress)  # type: ignore[arg-type]
-        if config.size_nm is not None:
-            return np.asarray(per_size[0])
-        return np.asarray(ensemble_average(per_size, jnp.asarray(sizes), distribution))
+    def averaged(q: Grid) -> tuple[np.ndarray, np.ndarray]:
+        dark, diff = 0.0, 0.0
+        for i in progress(range(len(crystals))):  # type: ignore[arg-type]
+            crystal, model = crystals[i], models[i]
+            if model is None:
+                i0, d = intensity(crystal, scattering, q, config.engine), None  # type: ignore[arg-type]
+            else:
+                i0, d = pumped_difference(
+                    crystal,
+                    scattering,
+                    q,
+                    model,
+                    occupancy,
+                    key=jax.random.fold_in(key, i),
+                    n_holes=config.holes,
+                    method=config.method,
+                    engine=config.engine,  # type: ignore[arg-type]
+                )
+            dark = dark + weights[i] * np.asarray(i0)
+            diff = diff + (0.0 if d is None else weights[i] * np.asarray(d))
+        dark = np.asarray(dark)
+        return dark, np.broadcast_to(np.asarray(diff, dark.dtype), dark.shape).copy()
 
     volumes: list[VolumeResult] = []
     peaks: dict[str, dict] = {}
     if config.hkls:
         windows = hkl_windows(structure, config.hkls, shape=config.window_shape, voxel=config.window_voxel)
-        dark = averaged(windows)
-        pump = dark.copy()  # no deformation model yet
+        dark, diff = averaged(windows)
+        pump = dark + diff
         for i, hkl in enumerate(config.hkls):
             axes = tuple(np.asarray(a) for a in grid_item(windows, i).axes())
             volumes.append(VolumeResult(f"hkl_{hkl_label(hkl)}", axes, dark[i], pump[i], tuple(hkl)))  # type: ignore[arg-type]
         peaks = peak_table(windows, config.hkls, jnp.asarray(dark), jnp.asarray(pump))
     if config.grid is not None:
         grid = full_grid(config.grid, config.grid_q_max)
-        dark = averaged(grid)
+        dark, diff = averaged(grid)
         axes = tuple(np.asarray(a) for a in grid.axes())
-        volumes.append(VolumeResult("grid", axes, dark, dark.copy(), None))  # type: ignore[arg-type]
+        volumes.append(VolumeResult("grid", axes, dark, dark + diff, None))  # type: ignore[arg-type]
     return SimulationResult(
         volumes=volumes,
         peaks=peaks,
         sizes_nm=sizes,
-        weights=tuple(float(w) for w in np.asarray(weights)),
+        weights=tuple(float(w) for w in weights),
         n_atoms=tuple(int(c.n_atoms) for c in crystals),
     )
+
+
+def with_amplitude(model: Deformation, amplitude: float | None) -> Deformation:
+    """`model` with its `amplitude` field replaced (unchanged when amplitude is None)."""
+    if amplitude is None:
+        return model
+    return eqx.tree_at(lambda m: m.amplitude, model, jnp.asarray(amplitude, jnp.result_type(float)))
