@@ -210,7 +210,8 @@ def _figures(result, png, plotting) -> None:
     grids = [v for v in result.volumes if v.hkl is None]
     peak_png = png
     if grids:
-        plotting.plot_central_slices(grids[0].axes, grids[0].dark, png, title="dark")
+        g = grids[0]
+        plotting.plot_central_slices(g.axes, g.dark, png, title="dark", difference=g.pump - g.dark)
         log.info("wrote %s", png)
         peak_png = png.with_name(png.stem + "_peaks" + png.suffix)
     if windows:

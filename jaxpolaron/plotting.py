@@ -32,30 +32,49 @@ def _log_image(ax, image: np.ndarray, extent, title: str, fig, floor_decades: fl
     fig.colorbar(im, ax=ax, shrink=0.8, label="I (e²)")
 
 
-def _diff_image(ax, image: np.ndarray, extent, title: str, fig):
+def _diff_image(ax, image: np.ndarray, extent, title: str, fig, *, symlog: bool = False):
+    from matplotlib.colors import SymLogNorm
+
     lim = float(np.abs(image).max()) or 1.0
-    im = ax.imshow(image.T, origin="lower", extent=extent, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    # ΔI over a whole slice spans decades (strong peaks vs weak ones): a signed log scale shows them all
+    norm = SymLogNorm(linthresh=1e-3 * lim, vmin=-lim, vmax=lim) if symlog else None
+    limits = {} if symlog else {"vmin": -lim, "vmax": lim}
+    im = ax.imshow(image.T, origin="lower", extent=extent, cmap="RdBu_r", norm=norm, **limits)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8, label="ΔI (e²)")
 
 
 def plot_central_slices(
-    axes: Sequence[np.ndarray], volume: np.ndarray, path: str | Path, *, title: str = "dark"
+    axes: Sequence[np.ndarray],
+    volume: np.ndarray,
+    path: str | Path,
+    *,
+    title: str = "dark",
+    difference: np.ndarray | None = None,
 ) -> Path:
-    """Three central slices (normal to q_x, q_y, q_z) of a full-grid volume on a log scale."""
+    """Three central slices (normal to q_x, q_y, q_z) of a full-grid volume on a log scale (Fig. 2c);
+    with a non-zero `difference`, a second row shows ΔI on a signed log scale (Fig. 3a)."""
     plt = _pyplot()
     qx, qy, qz = (np.asarray(a) for a in axes)
     ix, iy, iz = (int(np.argmin(np.abs(a))) for a in (qx, qy, qz))
-    fig, axs = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+    show_diff = difference is not None and bool(np.any(difference != 0))
+    fig, axs = plt.subplots(2 if show_diff else 1, 3, figsize=(13, 8.4 if show_diff else 4.2), squeeze=False)
+    fig.set_layout_engine("constrained")
     panels = [
         (volume[ix], (qy, qz), ("q_y", "q_z"), f"{title}: q_x = {qx[ix]:+.3f}"),
         (volume[:, iy], (qx, qz), ("q_x", "q_z"), f"{title}: q_y = {qy[iy]:+.3f}"),
         (volume[:, :, iz], (qx, qy), ("q_x", "q_y"), f"{title}: q_z = {qz[iz]:+.3f}"),
     ]
-    for ax, (img, (a, b), (la, lb), ttl) in zip(axs, panels, strict=True):
-        _log_image(ax, np.asarray(img), [a[0], a[-1], b[0], b[-1]], ttl + " Å⁻¹", fig)
-        ax.set_xlabel(f"{la} (Å⁻¹)")
-        ax.set_ylabel(f"{lb} (Å⁻¹)")
+    cuts = [(ix, slice(None), slice(None)), (slice(None), iy, slice(None)), (slice(None), slice(None), iz)]
+    for j, ((img, (a, b), (la, lb), ttl), cut) in enumerate(zip(panels, cuts, strict=True)):
+        extent = [a[0], a[-1], b[0], b[-1]]
+        _log_image(axs[0, j], np.asarray(img), extent, ttl + " Å⁻¹", fig)
+        if show_diff and difference is not None:
+            label = "ΔI" + ttl.removeprefix(title)
+            _diff_image(axs[1, j], np.asarray(difference)[cut], extent, label + " Å⁻¹", fig, symlog=True)
+        for row in axs[:, j]:
+            row.set_xlabel(f"{la} (Å⁻¹)")
+            row.set_ylabel(f"{lb} (Å⁻¹)")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -82,3 +82,57 @@ def test_default_windows_with_grid_and_none(tmp_path, capsys):
     assert set(io.read_volume_file(out).volumes) == {"grid"}
     assert main(["simulate", "--size-nm", "3", "--hkl", "none", "-q"]) == 2
     assert "nothing to simulate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["central-hole", "random-hole", "tilt", "phonon"])
+def test_models_from_the_command_line(model, tmp_path, capsys):
+    out = tmp_path / f"{model}.h5"
+    args = [*SMALL, "--model", model, "--holes", "4", "--json", "--out", str(out), "--png", str(tmp_path / "m.png")]
+    assert main(args) == 0
+    peaks = json.loads(capsys.readouterr().out)["peaks"]
+    for row in peaks.values():
+        assert row["odd_fraction"] is not None and 0.0 <= row["odd_fraction"] <= 1.0
+    # the phonon pattern is along y, so (200) barely changes (q ⊥ u); (1-10) always does
+    assert peaks["1-10"]["integrated_pump"] != peaks["1-10"]["integrated_dark"]
+    vf = io.read_volume_file(out)
+    window = vf.volumes["hkl_1-10"]
+    np.testing.assert_allclose(window.difference, window.pump - window.dark)
+    assert np.abs(window.difference).max() > 0
+    assert vf.config["simulate"]["model"] == model
+
+
+def test_external_model_from_xyz(tmp_path, capsys):
+    """Ground = the DFT cube, excited = a 1e-3 expansion of it: ΔI at (200) is an inward shift."""
+    from ase import Atoms
+    from ase.io import write
+
+    from jaxpolaron.crystal import dft_cube
+    from jaxpolaron.structure import read_cif
+
+    cube = dft_cube(read_cif())
+    symbols = [cube.species_names[s] for s in np.asarray(cube.species)]
+    pos = np.asarray(cube.positions, float)
+    write(tmp_path / "gs.xyz", Atoms(symbols, positions=pos))
+    write(tmp_path / "es.xyz", Atoms(symbols, positions=pos * 1.001))
+    args = ["simulate", "--model", "external", "--ground-xyz", str(tmp_path / "gs.xyz")]
+    args += ["--excited-xyz", str(tmp_path / "es.xyz"), "--hkl", "200", "--window", "15", "--voxel", "0.006"]
+    assert main([*args, "--json", "-q"]) == 0
+    row = json.loads(capsys.readouterr().out)["peaks"]["200"]
+    assert row["m1_lobe"] < 0 and row["shift_ls"] < 0 and row["odd_fraction"] > 0.8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "random-hole", "--hole-bias", "2"], "hole-bias"),
+        (["--model", "random-hole", "--holes", "0"], "--holes"),
+        (["--model", "external"], "--ground-xyz"),
+        (["--model", "tilt", "--tilt-profile", "cubic"], "profile"),
+        (["--exact", "--linear"], "not allowed with"),
+    ],
+)
+def test_bad_model_input_is_one_line(args, message, capsys):
+    assert main([*SMALL, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxpolaron: error:"), err
+    assert message in err[0]
