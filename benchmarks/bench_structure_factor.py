@@ -213,6 +213,7 @@ def atom_subset(crystal, stride: int, multiple: int = 64):
         positions=crystal.positions[sel],
         species=crystal.species[sel],
         mask=crystal.mask[sel],
+        ideal=crystal.ideal[sel],
         size=crystal.size,
         species_names=crystal.species_names,
         oxidation=crystal.oxidation,

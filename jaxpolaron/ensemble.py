@@ -189,7 +189,8 @@ def pumped_difference(
     random = model.is_random
     if random and key is None:
         raise InputError(f"{type(model).__name__} is random: give a PRNG key.")
-    keys = jax.random.split(key, n_holes) if random else None
+    # one sub-key per hole sample (unused by deterministic models)
+    keys = jax.random.split(key if key is not None else jax.random.key(0), n_holes if random else 1)
     params = (crystal, scattering, q, model)
 
     def u_of(k, prm):

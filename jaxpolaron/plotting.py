@@ -65,13 +65,13 @@ def plot_central_slices(
         (volume[:, iy], (qx, qz), ("q_x", "q_z"), f"{title}: q_y = {qy[iy]:+.3f}"),
         (volume[:, :, iz], (qx, qy), ("q_x", "q_y"), f"{title}: q_z = {qz[iz]:+.3f}"),
     ]
-    cuts = [(ix, slice(None), slice(None)), (slice(None), iy, slice(None)), (slice(None), slice(None), iz)]
-    for j, ((img, (a, b), (la, lb), ttl), cut) in enumerate(zip(panels, cuts, strict=True)):
+    for j, ((img, (a, b), (la, lb), ttl), cut) in enumerate(zip(panels, (ix, iy, iz), strict=True)):
         extent = [a[0], a[-1], b[0], b[-1]]
         _log_image(axs[0, j], np.asarray(img), extent, ttl + " Å⁻¹", fig)
         if show_diff and difference is not None:
             label = "ΔI" + ttl.removeprefix(title)
-            _diff_image(axs[1, j], np.asarray(difference)[cut], extent, label + " Å⁻¹", fig, symlog=True)
+            diff_slice = np.take(np.asarray(difference), cut, axis=j)
+            _diff_image(axs[1, j], diff_slice, extent, label + " Å⁻¹", fig, symlog=True)
         for row in axs[:, j]:
             row.set_xlabel(f"{la} (Å⁻¹)")
             row.set_ylabel(f"{lb} (Å⁻¹)")
@@ -111,11 +111,11 @@ def plot_windows(
         a, b = (i for i in range(3) if i != normal)
         centre = len(axes[normal]) // 2
         ext = [axes[a][0], axes[a][-1], axes[b][0], axes[b][-1]]
-        sl = (slice(None),) * normal + (centre,)
+
         title = f"({label}) {names[normal]} = {axes[normal][centre]:+.3f} Å⁻¹"
-        _log_image(axs[0, j], np.asarray(dark[j])[sl], ext, "dark " + title, fig)
+        _log_image(axs[0, j], np.take(np.asarray(dark[j]), centre, axis=normal), ext, "dark " + title, fig)
         if show_diff and difference is not None:
-            _diff_image(axs[1, j], np.asarray(difference[j])[sl], ext, "ΔI " + title, fig)
+            _diff_image(axs[1, j], np.take(np.asarray(difference[j]), centre, axis=normal), ext, "ΔI " + title, fig)
             # arrow from G towards q = 0 marks "inward"
             ga, gb = float(g[a]), float(g[b])
             norm = np.hypot(ga, gb) or 1.0

@@ -71,6 +71,20 @@ class ScatteringFactors(eqx.Module):
         extra = (..., *([None] * jnp.ndim(q_abs)))
         return self.f0(q_abs) + self.f1[extra] + 1j * self.f2[extra]
 
+    def on_axes(
+        self, qx: Float[Array, " nx"], qy: Float[Array, " ny"], qz: Float[Array, " nz"]
+    ) -> tuple[Complex[Array, " S"], tuple[Float[Array, "S 5 nx"], Float[Array, "S 5 ny"], Float[Array, "S 5 nz"]]]:
+        """f on the grid qx × qy × qz in factored form, without building |q| on the grid.
+
+        exp(-b |q|²/4) = exp(-b qx²/4) exp(-b qy²/4) exp(-b qz²/4), so
+        f_s(q) = const_s + Σ_i gx[s, i, a] gy[s, i, b] gz[s, i, c]   (the a_i are folded into gx).
+
+        Returns:
+            const (S,) = c + f' + i f'' and the per-axis factors (gx, gy, gz), each (S, 5, n_axis).
+        """
+        gx, gy, gz = (jnp.exp(-self.wk_exponent[..., None] * (q / 2.0) ** 2) for q in (qx, qy, qz))
+        return self.wk_offset + self.f1 + 1j * self.f2, (self.wk_scale[..., None] * gx, gy, gz)
+
     def forward(self) -> Complex[Array, " S"]:
         """f at q = 0 per species (S,): Z - charge + f' + i f''."""
         return self.wk_offset + jnp.sum(self.wk_scale, axis=1) + self.f1 + 1j * self.f2

@@ -23,12 +23,16 @@ from jaxpolaron.deformation import (
     TiltRelaxation,
     external_pair,
 )
+from jaxpolaron.deformation.charge_field import DEFAULT_AMPLITUDE as CHARGE_DEFAULT_AMPLITUDE
+from jaxpolaron.deformation.phonon import DEFAULT_WIDTH_FRACTION as PHONON_DEFAULT_WIDTH
+from jaxpolaron.deformation.tilt import DEFAULT_WIDTH_FRACTION as TILT_DEFAULT_WIDTH
 from jaxpolaron.ensemble import (
     DEFAULT_GAMMA_SHAPE,
     DEFAULT_MEAN_NM,
     DEFAULT_SIZES_NM,
     METHODS,
     GammaSizes,
+    Method,
     pumped_difference,
     size_crystals,
     validate_sizes,
@@ -171,26 +175,29 @@ def check_reachable(structure: CrystalStructure, config: SimulateConfig) -> None
 
 
 def build_model(config: SimulateConfig, structure: CrystalStructure, crystal: Nanocrystal) -> Deformation | None:
-    """The configured deformation model for `crystal` (None for model 'none')."""
-    amp = {} if config.amplitude is None else {"amplitude": config.amplitude}
-    width = {} if config.width_fraction is None else {"width_fraction": config.width_fraction}
-    charge = {
-        "k": [{"Cs": config.k_cs, "Pb": config.k_pb, "Br": config.k_br}.get(s, 1.0) for s in crystal.species_names],
-        "softening": config.softening_a,
-        "electron_strength": config.electron_strength,
-        **amp,
-    }
-    if config.model == "none":
-        return None
-    if config.model == "central-hole":
-        return CentralHole.for_crystal(crystal, **charge)
-    if config.model == "random-hole":
-        return RandomHole.for_crystal(crystal, hole_bias=config.hole_bias, **charge)
+    """The configured deformation model for `crystal` (None for model 'none'; 'external' is built by `simulate`)."""
+    springs = {"Cs": config.k_cs, "Pb": config.k_pb, "Br": config.k_br}
+    k = [springs.get(name, 1.0) for name in crystal.species_names]
+    charge_amplitude = CHARGE_DEFAULT_AMPLITUDE if config.amplitude is None else config.amplitude
+    if config.model in ("central-hole", "random-hole"):
+        common = {
+            "softening": config.softening_a,
+            "electron_strength": config.electron_strength,
+            "amplitude": charge_amplitude,
+        }
+        if config.model == "central-hole":
+            return CentralHole.for_crystal(crystal, k=k, **common)
+        return RandomHole.for_crystal(crystal, k=k, hole_bias=config.hole_bias, **common)
     if config.model == "tilt":
-        return TiltRelaxation(t0=config.t0, profile=config.tilt_profile, **width)  # type: ignore[arg-type]
+        width = TILT_DEFAULT_WIDTH if config.width_fraction is None else config.width_fraction
+        return TiltRelaxation(t0=config.t0, width_fraction=width, profile=config.tilt_profile)  # type: ignore[arg-type]
     if config.model == "phonon":
-        return PhononMode.from_structure(structure, amplitude=config.amplitude or PHONON_DEFAULT_AMPLITUDE, **width)
-    raise AssertionError(config.model)  # external is built with its own crystal in `simulate`
+        return PhononMode.from_structure(
+            structure,
+            amplitude=PHONON_DEFAULT_AMPLITUDE if config.amplitude is None else config.amplitude,
+            width_fraction=PHONON_DEFAULT_WIDTH if config.width_fraction is None else config.width_fraction,
+        )
+    return None
 
 
 def simulate(
@@ -211,10 +218,7 @@ def simulate(
     occupancy = Occupancy(config.gamma0_t, config.gamma_ratio)
     if config.model == "external":
         geometry = external_pair(
-            config.ground_xyz,
-            config.excited_xyz,
-            species_order=structure.species,
-            centre=config.centre,  # type: ignore[arg-type]
+            str(config.ground_xyz), str(config.excited_xyz), species_order=structure.species, centre=config.centre
         )
         crystals = [geometry.crystal]
         models: list[Deformation | None] = [with_amplitude(geometry.displacement, config.amplitude)]
@@ -231,9 +235,13 @@ def simulate(
         )
     key = jax.random.key(config.seed)
 
+    method: Method = config.method  # type: ignore[assignment]  # validated above
+
     def averaged(q: Grid) -> tuple[np.ndarray, np.ndarray]:
-        dark, diff = 0.0, 0.0
-        for i in progress(range(len(crystals))):  # type: ignore[arg-type]
+        """Gamma-weighted dark and ΔI over the sizes (running sums: one size in memory at a time)."""
+        dark: np.ndarray | None = None
+        diff: np.ndarray | None = None
+        for i in progress(range(len(crystals))):
             crystal, model = crystals[i], models[i]
             if model is None:
                 i0, d = intensity(crystal, scattering, q, config.engine), None  # type: ignore[arg-type]
@@ -246,13 +254,15 @@ def simulate(
                     occupancy,
                     key=jax.random.fold_in(key, i),
                     n_holes=config.holes,
-                    method=config.method,
+                    method=method,
                     engine=config.engine,  # type: ignore[arg-type]
                 )
-            dark = dark + weights[i] * np.asarray(i0)
-            diff = diff + (0.0 if d is None else weights[i] * np.asarray(d))
-        dark = np.asarray(dark)
-        return dark, np.broadcast_to(np.asarray(diff, dark.dtype), dark.shape).copy()
+            w_dark = weights[i] * np.asarray(i0)
+            w_diff = np.zeros_like(w_dark) if d is None else weights[i] * np.asarray(d)
+            dark = w_dark if dark is None else dark + w_dark
+            diff = w_diff if diff is None else diff + w_diff
+        assert dark is not None and diff is not None
+        return dark, diff
 
     volumes: list[VolumeResult] = []
     peaks: dict[str, dict] = {}

@@ -82,6 +82,7 @@ def result():
         positions=crystal.positions[a:b],
         species=crystal.species[a:b],
         mask=crystal.mask[a:b],
+        ideal=crystal.ideal[a:b],
         size=crystal.size,
         species_names=crystal.species_names,
         oxidation=crystal.oxidation,
