@@ -185,20 +185,6 @@ def main(argv=None) -> int:
         energy_kev=scat.energy_kev,
     )
 
-    def pb_only(crystal: Nanocrystal) -> Nanocrystal:
-        a, b = crystal.blocks[pb]
-        blocks = tuple((0, 0) if i < pb else ((0, b - a) if i == pb else (b - a, b - a)) for i in range(n_species))
-        return Nanocrystal(
-            positions=crystal.positions[a:b],
-            species=crystal.species[a:b],
-            mask=crystal.mask[a:b],
-            ideal=crystal.ideal[a:b],
-            size=crystal.size,
-            species_names=crystal.species_names,
-            oxidation=crystal.oxidation,
-            blocks=blocks,
-        )
-
     def integrate(crystal, scattering, half_width):
         """Σ_window |F|² voxel³ (e²·Å⁻³) per reflection of HKLS, in the crystal's float dtype."""
         voxel = half_width / args.half_voxels
@@ -217,7 +203,7 @@ def main(argv=None) -> int:
         crystal = cut_nanocrystal(structure, size, exponent=expo, centre=centre)
         comp = crystal.composition()
         n_pb = comp["Pb"]
-        lattice = pb_only(crystal)
+        lattice = crystal  # with unit_pb form factors: the bare Pb lattice
         for q_half in windows:
             i_int = integrate(crystal, scat, q_half)
             eta = float(integrate(lattice, unit_pb, q_half)[0] * v_pc / n_pb)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpolaron.crystal import Nanocrystal, cut_nanocrystal
+from jaxpolaron.crystal import cut_nanocrystal
 from jaxpolaron.reciprocal import hkl_windows
 from jaxpolaron.scattering import ScatteringFactors, scattering_factors
 from jaxpolaron.structure import BUNDLED_CIF, read_cif
@@ -76,18 +76,8 @@ def result():
     # Shape-function capture η: the bare Pb lattice (f = 1 on Pb, 0 elsewhere) in the same windows. The
     # Pb sites form an exact pseudo-cubic Bravais lattice with ∫ over a peak = N_Pb / V_pc.
     pb = structure.species.index("Pb")
-    a, b = crystal.blocks[pb]
     n_s = len(structure.species)
-    lattice = Nanocrystal(
-        positions=crystal.positions[a:b],
-        species=crystal.species[a:b],
-        mask=crystal.mask[a:b],
-        ideal=crystal.ideal[a:b],
-        size=crystal.size,
-        species_names=crystal.species_names,
-        oxidation=crystal.oxidation,
-        blocks=tuple((0, 0) if i < pb else ((0, b - a) if i == pb else (b - a, b - a)) for i in range(n_s)),
-    )
+    lattice = crystal  # the unit_pb form factors below switch the other species off
     dtype = crystal.positions.dtype
     unit_pb = ScatteringFactors(
         wk_scale=jnp.zeros((n_s, 5), dtype),
