@@ -120,10 +120,15 @@ def _add_simulate(sub) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    import os
+
     import jax
 
     if args.x64:
         jax.config.update("jax_enable_x64", True)
+    # Each crystal size compiles its own programs (~2 s each); keep them across runs.
+    cache = os.environ.get("JAXPOLARON_CACHE", os.path.expanduser("~/.cache/jaxpolaron/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     from tqdm import tqdm
 
     from jaxpolaron import io, plotting

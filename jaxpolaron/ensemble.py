@@ -159,7 +159,7 @@ def pumped_difference(
     n_holes: int = 1,
     method: Method = "exact",
     engine: Engine = "auto",
-    batch: int = 8,
+    batch: int = 4,
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """Dark intensity and pumped − dark difference of one crystal, averaged over hole samples.
 
@@ -176,7 +176,8 @@ def pumped_difference(
         occupancy: pair probabilities.
         key: PRNG key for random models (one sub-key per hole sample).
         n_holes: hole samples (a multiple of the number of local devices).
-        batch: samples per vmapped batch (bounds memory).
+        batch: samples per vmapped batch (bounds memory; 2-4 is as fast as 8 on CPU with a quarter of the
+            memory, benchmarks/bench_ensemble.py).
 
     Returns:
         (I_dark, ΔI), both shaped like `structure_factor`'s output, electrons².

@@ -85,12 +85,13 @@ def _separable_block(positions, weights, axes) -> Array:
     cdt = _complex_dtype(positions)
     if n == 0:
         return jnp.zeros((nx, ny, nz), cdt)
-    chunk = max(1, min(n, _CHUNK_ELEMENTS // (nx + ny + nz)))
+    # balanced chunks: n just above the limit would otherwise pad a second, nearly empty chunk
+    n_chunks = -(-n // max(1, _CHUNK_ELEMENTS // (nx + ny + nz)))
+    chunk = -(-n // n_chunks)
     # x rows per product: the largest divisor of nx within _ROW_ELEMENTS, so lax.map needs no remainder
     # batch (a second copy of the body to compile, and a concatenation).
     rows_max = max(1, _ROW_ELEMENTS // (chunk * ny))
     rows = max(d for d in range(1, min(nx, rows_max) + 1) if nx % d == 0)
-    n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     pos = jnp.concatenate([positions, jnp.zeros((pad, 3), positions.dtype)]).reshape(n_chunks, chunk, 3)
     w = jnp.concatenate([weights, jnp.zeros((pad,), weights.dtype)]).reshape(n_chunks, chunk)

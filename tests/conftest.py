@@ -1,8 +1,14 @@
 """Shared fixtures. JAX runs in float32 by default; float64 references switch x64 on locally with
 `jax.enable_x64(True)` (objects must be *built* inside the context to get float64 arrays)."""
 
+import os
+import tempfile
+
 import jax
 import pytest
+
+# CLI runs in tests keep their XLA compile cache out of the user's ~/.cache
+os.environ.setdefault("JAXPOLARON_CACHE", tempfile.mkdtemp(prefix="jaxpolaron-xla-"))
 
 from jaxpolaron.structure import read_cif
 
