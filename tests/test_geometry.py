@@ -43,7 +43,8 @@ def test_bad_geometry_files(tmp_path):
 
 def test_pixel_q_scale(positions):
     """At 13.6 keV and 122.4 mm: Δq ≈ 0.2/(122.4·0.9116) ≈ 1.8e-3 Å⁻¹ per pixel near the centre, the corner
-    reaches |q| ≈ 1 Å⁻¹ (the edge midpoints ≈ 0.75, the d ≈ 1.3 Å of the notes), and q is elastic: |q/… + ẑ/λ| = 1/λ (on the Ewald sphere)."""
+    reaches |q| ≈ 1 Å⁻¹ (the edge midpoints ≈ 0.75, the d ≈ 1.3 Å of the notes), and q is elastic:
+    |q + ẑ/λ| = 1/λ (on the Ewald sphere)."""
     assert positions.shape == (16, 512, 128, 3)
     q = pixel_q(positions, 13.6)
     lam = wavelength_a(13.6)
