@@ -91,12 +91,12 @@ class Peakfinder8Config:
 
 
 class RadialStats(NamedTuple):
-    """Per radial bin (n_bins,): offset (mean), sigma, threshold (detector units), count (pixels, int32)."""
+    """Per radial bin (n_bins,): offset (mean), sigma, threshold (detector units), n_pixels (good pixels, int32)."""
 
     offset: jax.Array
     sigma: jax.Array
     threshold: jax.Array
-    count: jax.Array
+    n_pixels: jax.Array
 
 
 class PeakList(NamedTuple):
@@ -251,9 +251,9 @@ def find_peaks(data, mask, radius, config: Peakfinder8Config) -> PeakList:
 
     # Local background in a disc of radius 2R around the rounded first centroid, inside the ASIC.
     r2 = 2 * config.local_bg_radius
-    oy, ox = np.meshgrid(np.arange(-r2, r2), np.arange(-r2, r2), indexing="ij")
-    disc = oy**2 + ox**2 <= r2**2
-    oy, ox = jnp.asarray(oy[disc]), jnp.asarray(ox[disc])
+    grid_y, grid_x = np.meshgrid(np.arange(-r2, r2), np.arange(-r2, r2), indexing="ij")
+    disc = grid_y**2 + grid_x**2 <= r2**2
+    oy, ox = jnp.asarray(grid_y[disc]), jnp.asarray(grid_x[disc])
     py, px = com_y0[:, None] + oy, com_x0[:, None] + ox  # (K, n_disc)
     inside = (py >= 0) & (py < a_ss) & (px >= 0) & (px < a_fs)
     py_c, px_c = jnp.clip(py, 0, a_ss - 1), jnp.clip(px, 0, a_fs - 1)

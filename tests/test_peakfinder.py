@@ -171,7 +171,7 @@ def test_radial_statistics_match_numpy_reference():
         lower = np.where(nz, off - CFG.minimum_snr * sig, np.finfo(np.float32).tiny)
     used = cnt > 50
     assert used.sum() > 100
-    np.testing.assert_array_equal(np.asarray(st.count), cnt)
+    np.testing.assert_array_equal(np.asarray(st.n_pixels), cnt)
     np.testing.assert_allclose(np.asarray(st.offset)[used], off[used], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(st.sigma)[used], sig[used], rtol=1e-3)
     # physics: the clipped offset follows the injected radial profile λ(r) within the Poisson error
