@@ -8,6 +8,7 @@ stays machine-readable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -187,14 +188,18 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
     if out is not None:
         volumes = [io.Volume(name=v.name, axes=v.axes, dark=v.dark, pump=v.pump, hkl=v.hkl) for v in result.volumes]
-        prov = io.provenance({"cif": structure.source})
+        inputs = {"cif": structure.source}
+        for name in ("ground_xyz", "excited_xyz"):
+            if getattr(args, name):
+                inputs[name] = io.describe_input(getattr(args, name))
+        prov = io.provenance(inputs)
         stats = {
             "peaks": result.peaks,
             "sizes_nm": list(result.sizes_nm),
             "size_weights": list(result.weights),
             "n_atoms": list(result.n_atoms),
         }
-        io.write_volume_file(out, volumes, {"simulate": config_dict(config)}, provenance=prov, statistics=stats)
+        io.write_volume_file(out, volumes, {"simulate": dataclasses.asdict(config)}, provenance=prov, statistics=stats)
         log.info("wrote %s", out)
     if png is not None:
         _figures(result, png, plotting)
@@ -202,12 +207,6 @@ def _run_simulate(args: argparse.Namespace) -> int:
         json.dump({"peaks": result.peaks}, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     return 0
-
-
-def config_dict(config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def _figures(result, png, plotting) -> None:
