@@ -1,0 +1,115 @@
+"""Synthetic frames -> EXDF run -> extra-data round trip (small: 3 trains × 8 pulses, 3–4 nm crystals)."""
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipeline import run_io, synthetic
+from data_pipeline.geometry import default_agipd_geometry
+from data_pipeline.io import read_crystfel_geom
+
+CFG = synthetic.SyntheticConfig(
+    sizes_nm=(3.0, 4.0), grid_n=65, hit_fraction=0.5, fluence_ph_per_um2=1e15, bad_pixel_fraction=1e-3
+)
+LAYOUT = synthetic.RunLayout(n_trains=3, n_pulses=8)
+
+
+@pytest.fixture(scope="module")
+def run(structure, tmp_path_factory):
+    geom = default_agipd_geometry()
+    det = synthetic.detector(geom, CFG, key=jax.random.key(0))
+    vol = synthetic.crystal_volumes(structure, CFG)
+    written = []
+
+    def keep(it):  # keep what was written to compare after the round trip (fine at 24 frames)
+        for data, truth in it:
+            written.append(data)
+            yield data, truth
+
+    out = tmp_path_factory.mktemp("synth") / "r0001"
+    frames = keep(synthetic.frames(jax.random.key(1), det, vol, CFG, LAYOUT))
+    run_io.write_run(
+        out,
+        frames,
+        layout=LAYOUT,
+        geometry=geom,
+        mask=synthetic.bad_pixel_mask(det),
+        config=CFG.to_dict(),
+        trains_per_file=2,
+        chunk=5,
+        progress=False,
+    )
+    return out, np.stack(written), det, vol, geom
+
+
+def test_extra_data_opens_run(run):
+    from extra_data import RunDirectory
+    from extra_data.components import AGIPD1M
+
+    out, *_ = run
+    r = RunDirectory(str(out))
+    det = AGIPD1M(r)
+    assert det.n_modules == 16
+    assert det.frames_per_train == LAYOUT.n_pulses
+    assert len(r.train_ids) == LAYOUT.n_trains
+    assert run_io.BUNCH_PATTERN_SOURCE in r.instrument_sources
+    data = det.get_array("image.data")  # (module, train, pulse, ss, fs)
+    assert data.shape == (16, LAYOUT.n_trains, LAYOUT.n_pulses, 512, 128)
+    assert data.dtype == np.float32
+
+
+def test_read_frames_round_trip(run):
+    out, written, det, *_ = run
+    tids, pids, frames, masks, pumped = [], [], [], [], []
+    for tid, p, f, m, pu in run_io.read_frames(out, chunk=5):
+        assert f.shape[1:] == (16, 512, 128) and len(f) <= 5
+        tids += [tid] * len(p)
+        pids.append(p)
+        frames.append(f)
+        masks.append(m)
+        pumped.append(pu)
+    frames = np.concatenate(frames)
+    assert len(frames) == LAYOUT.n_frames
+    np.testing.assert_array_equal(frames, written)  # exact
+    np.testing.assert_array_equal(np.concatenate(masks) != 0, np.broadcast_to(np.asarray(det.bad), frames.shape))
+    np.testing.assert_array_equal(np.concatenate(pids), np.tile(LAYOUT.pulse_ids(), LAYOUT.n_trains))
+    np.testing.assert_array_equal(tids, np.repeat(LAYOUT.train_ids(), LAYOUT.n_pulses))
+    pumped = np.concatenate(pumped)
+    np.testing.assert_array_equal(pumped, np.tile(np.arange(LAYOUT.n_pulses) % 2 == 1, LAYOUT.n_trains))
+    np.testing.assert_array_equal(pumped, run_io.read_truth(out)["pumped"])
+
+
+def test_geom_round_trip(run):
+    out, _, _, _, geom = run
+    back = read_crystfel_geom(out / "agipd.geom")
+    np.testing.assert_allclose(back.get_pixel_positions(), geom.get_pixel_positions(), atol=1e-9)
+
+
+def test_hits_have_bragg_intensity_and_misses_do_not(run):
+    out, written, det, vol, _ = run
+    truth = run_io.read_truth(out)
+    hit = truth["n_crystals"] > 0
+    assert hit.any() and (~hit).any()
+    bragg_region = np.asarray(det.q_norm) > 0.3  # beyond the diffuse ring (0.2 ± 0.03 Å⁻¹) and the SAXS
+    peak = np.array([f[bragg_region].max() for f in written])
+    assert peak[~hit].max() <= 3  # background: ≲ 1e-3 photons/pixel out there
+    assert peak[hit].min() > max(4, peak[~hit].max())
+    # the photons sit where the truth crystals put them: noise-free expectation vs counts
+    for i in np.flatnonzero(hit)[:3]:
+        crystals = synthetic.Crystals(
+            n=truth["n_crystals"][i],
+            rotations=truth["rotations"][i],
+            size_index=np.searchsorted(CFG.sizes_nm, truth["sizes_nm"][i]).astype(np.int32),
+            sizes_nm=truth["sizes_nm"][i],
+            pumped=truth["pumped"][i],
+        )
+        expected = np.asarray(synthetic.bragg_photons(det, vol, crystals))
+        strong = (expected > 0.05) & bragg_region & ~np.asarray(det.bad)
+        assert expected[strong].sum() > 50
+        observed = written[i][strong].sum()
+        assert abs(observed - expected[strong].sum()) < 5 * np.sqrt(expected[strong].sum()) + 0.02 * observed
+
+
+def test_config_rejects_bad_hit_fraction():
+    with pytest.raises(ValueError, match="hit_fraction"):
+        synthetic.SyntheticConfig(hit_fraction=1.5)
