@@ -207,3 +207,43 @@ def test_agipd_shape_background_frame():
     assert int(pk.panel[0]) == 5
     assert abs(float(pk.ss[0]) - 200.4) < 0.3 and abs(float(pk.fs[0]) - 70.6) < 0.3
     assert jax.numpy.isfinite(pk.snr[0])
+
+
+# --- precomputed radial binning and compacted-candidate fast path -------------------------------------------
+
+
+def _assert_same_peaks(a, b, rtol=1e-5, atol=1e-3):
+    for name, x, y in zip(a._fields, a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_binning_path_matches_scatter_path():
+    """make_binning + the sorted-layout statistics give the same statistics and peaks as the plain path."""
+    from data_pipeline.peakfinder import make_binning
+
+    data, r = make_frame([*CLEAN, (1, 63.5, 30.4, 40000.0, 1.0)], seed=21)
+    mask = np.ones(SHAPE, bool)
+    mask[0, :10] = False
+    mask[2, 24:37, 84:97] = False
+    for cfg in (CFG, Peakfinder8Config(**{**CFG.__dict__, "min_res": 40.0, "max_res": 160.0})):
+        bn = make_binning(r, mask, cfg)
+        a, b = radial_statistics(data, mask, r, cfg), radial_statistics(data, mask, r, cfg, binning=bn)
+        np.testing.assert_array_equal(np.asarray(a.n_pixels), np.asarray(b.n_pixels))
+        np.testing.assert_allclose(np.asarray(a.offset), np.asarray(b.offset), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(a.sigma), np.asarray(b.sigma), rtol=1e-3, atol=1e-4)
+        _assert_same_peaks(find_peaks(data, mask, r, cfg), find_peaks(data, mask, r, cfg, binning=bn))
+    pk = find_peaks(data, mask, r, CFG, binning=make_binning(r, mask, CFG))
+    assert int(pk.n_peaks) == len(CLEAN) + 2
+
+
+def test_candidate_overflow_falls_back_to_whole_frame():
+    """More candidate pixels than max_num_candidates: the whole-frame path gives identical results."""
+    frames = np.stack([make_frame(CLEAN[i:], seed=30 + i)[0] for i in range(2)])
+    r, mask = radius_map(), np.ones(SHAPE, bool)
+    small = Peakfinder8Config(**{**CFG.__dict__, "max_num_candidates": 8})
+    for f in frames:
+        _assert_same_peaks(find_peaks(f, mask, r, CFG), find_peaks(f, mask, r, small), rtol=0, atol=0)
+    _assert_same_peaks(find_peaks_batch(frames, mask, r, CFG), find_peaks_batch(frames, mask, r, small), rtol=0, atol=0)
+    # under an outer jit the fallback is a lax.cond
+    jitted = jax.jit(lambda f: find_peaks(f, mask, r, small))
+    _assert_same_peaks(find_peaks(frames[0], mask, r, CFG), jitted(frames[0]), rtol=0, atol=0)
