@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_peakfinder.py --baseline  # also the committed version (git show HEAD:…)
     .venv/bin/python benchmarks/bench_peakfinder.py --repeats 9 --parts
 
-Frames: Poisson background λ(r) = 30 + 300·exp(-r/100) on the 2×8-module test tiling of
-tests/test_peakfinder.py (4-pixel gaps), plus 50 Gaussian spots (σ = 1 px, 5e3…4e4 counts) at random
+Frames: Poisson background λ(r) = 30 + 300·exp(-r/100) on the default AGIPD-1M geometry
+(data_pipeline.geometry), plus 50 Gaussian spots (σ = 1 px, 5e3…4e4 counts) at random
 positions inside ASICs. Each jitted function is compiled and run once, then timed ``--repeats`` times
 (median, each call ended with ``block_until_ready``). The machine is shared and noisy, so the same-run
 reference is a plain numpy implementation of just the radial sigma-clipping step (``np.bincount``, float32
@@ -38,12 +38,11 @@ from data_pipeline import peakfinder as pf  # noqa: E402
 SHAPE = (16, 512, 128)
 
 
-def radius_map(shape=SHAPE, n_cols=8, gap=4):
-    p, ss, fs = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
-    n_rows = shape[0] // n_cols
-    y = ss + (p // n_cols) * (shape[1] + gap) - (n_rows * (shape[1] + gap) - gap) / 2
-    x = fs + (p % n_cols) * (shape[2] + gap) - (n_cols * (shape[2] + gap) - gap) / 2
-    return np.hypot(y, x).astype(np.float32)
+def radius_map():
+    """Pixel distance from the beam axis (pixels) for the default AGIPD-1M geometry at 122.4 mm."""
+    from data_pipeline.geometry import default_agipd_geometry, pixel_positions, pixel_radius
+
+    return pixel_radius(pixel_positions(default_agipd_geometry())).astype(np.float32)
 
 
 def make_frames(n, r, n_spots=50, seed=0):
