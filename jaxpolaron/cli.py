@@ -235,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser)
     _add_simulate(sub)
+    # Reduction commands live with the pipeline; each module's add_parser(sub, common) registers a
+    # subcommand whose parser carries `func` (args -> exit code).
+    from data_pipeline import commands
+
+    commands.register(sub)
     return parser
 
 
@@ -256,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" probe noise
-        return _run_simulate(args)
+        if args.command == "simulate":
+            return _run_simulate(args)
+        return args.func(args)
     except InputError as exc:
         print(f"jaxpolaron: error: {exc}", file=sys.stderr)
         return 2

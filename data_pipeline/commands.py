@@ -1,0 +1,16 @@
+"""Registry of the reduction subcommands of `jaxpolaron` (synth-run, find-peaks, index, ...).
+
+Each command module defines `add_parser(sub)` which adds its subparser and sets `func=run` (a function
+`argparse.Namespace -> int` exit code). User mistakes raise `jaxpolaron.errors.InputError` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def register(sub) -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
