@@ -48,3 +48,20 @@ def solid_angle(positions_m: np.ndarray, pixel_size_m: float = AGIPD_PIXEL_M) ->
     """Solid angle of each (square, z-facing) pixel in sr: A cos θ₂ / r² with cos θ₂ = z / r."""
     r = np.linalg.norm(positions_m, axis=-1)
     return pixel_size_m**2 * positions_m[..., 2] / r**3
+
+
+def peak_positions(positions_m: np.ndarray, panel, ss, fs) -> np.ndarray:
+    """Lab positions (n, 3) in m of sub-pixel peak coordinates (pixel centres at integers, as peakfinder8).
+
+    Each module is a flat tile, so a position is the nearest pixel's centre plus the sub-pixel offset along
+    the module's slow- and fast-scan pixel vectors (exact within an ASIC; never interpolates across gaps).
+    positions_m: (n_modules, n_ss, n_fs, 3) from `pixel_positions`; panel, ss, fs: (n,).
+    """
+    panel = np.asarray(panel, np.int64)
+    ss, fs = np.asarray(ss, float), np.asarray(fs, float)
+    n_ss, n_fs = positions_m.shape[1:3]
+    i = np.clip(np.rint(ss).astype(np.int64), 0, n_ss - 1)
+    j = np.clip(np.rint(fs).astype(np.int64), 0, n_fs - 1)
+    d_ss = positions_m[:, 1, 0] - positions_m[:, 0, 0]  # (n_modules, 3) one slow-scan pixel
+    d_fs = positions_m[:, 0, 1] - positions_m[:, 0, 0]
+    return positions_m[panel, i, j] + (ss - i)[:, None] * d_ss[panel] + (fs - j)[:, None] * d_fs[panel]
