@@ -45,6 +45,8 @@ class IndexingConfig:
         rounds (peaks split by the Ewald cut count once; see `n_reflections`).
     max_crystals: crystals searched per frame.
     q_min: Å⁻¹, reflections below this are not used (|q| = 0 is not a reflection).
+    match_tol_second_round: Å⁻¹, match_tol of the second round: three reflections are matched by chance far
+        more often than four, so they must fit tighter.
     ambiguity_deg: two equally good solutions further apart than this (modulo the cube rotations) make a
         crystal ambiguous; it is not accepted.
     """
@@ -59,6 +61,7 @@ class IndexingConfig:
     max_crystals: int = 4
     q_min: float = 0.05
     ambiguity_deg: float = 5.0
+    match_tol_second_round: float = 0.01
 
     def __post_init__(self):
         if min(self.q_tol, self.angle_tol_deg, self.match_tol) <= 0:
@@ -318,15 +321,17 @@ def index_frame(
     intensity = np.asarray(intensity, float).reshape(-1)
     weights = np.sqrt(np.clip(intensity, 0.0, None)) + 1e-12  # ~ 1/σ of a Poisson-limited centroid
     crystals: list[IndexedCrystal] = []
-    for round_, need in ((1, config.min_peaks), (2, config.min_peaks_second_round)):
+    second = dataclasses.replace(config, match_tol=config.match_tol_second_round)
+    rounds = ((1, config.min_peaks, config), (2, config.min_peaks_second_round, second))
+    for round_, need, cfg in rounds:
         if round_ == 2 and crystals:
             break  # the second round is only for frames with no crystal
         free = np.ones(len(q), bool)
         while len(crystals) < config.max_crystals and free.sum() >= need:
             idx = np.flatnonzero(free)
             seeds = idx[np.argsort(-intensity[idx], kind="stable")[: config.n_seed_peaks]]
-            cands = _candidates(q, seeds, lattice, config)
-            best = _best(q[idx], weights[idx], cands, lattice, config, need)
+            cands = _candidates(q, seeds, lattice, cfg)
+            best = _best(q[idx], weights[idx], cands, lattice, cfg, need)
             if best is None or n_reflections(best[2], best[1]) < need:
                 break
             rot, ok, hkl, dist = best

@@ -35,6 +35,11 @@ class RefinementConfig:
 
     width_voxels: W; bias_ratio: r (0 <= r < 1); voxel_q: Å⁻¹ per voxel; steps: optimiser steps;
     learning_rate: radians per Adam step (the scale of the orientation correction).
+    ewald: measure d between the spot and the lattice point moved radially onto the Ewald sphere (where the
+        cut through an isotropic peak is centred) instead of the lattice point itself; the distance e of the
+        lattice point from the sphere (its excitation error) then enters only through
+    excitation_width_voxels: W_e, a Gaussian factor exp(−e²/(2 W_e²)) (None: no such factor). ewald=False is
+        the paper's literal Eq. 1, which penalises e with the peak width W itself.
     """
 
     width_voxels: float = 4.6
@@ -43,6 +48,7 @@ class RefinementConfig:
     steps: int = 150
     learning_rate: float = 2e-3
     ewald: bool = False
+    excitation_width_voxels: float | None = None
     energy_kev: float = 13.6
 
     def __post_init__(self):
@@ -71,15 +77,20 @@ def cross_peak_score(rotation, q, g, s, config: RefinementConfig):
     """Eq. 1 normalised by Σ s, for one crystal: rotation (3, 3) lab <- crystal; q (n, 3) lab Å⁻¹;
     g (n, 3) the assigned reciprocal-lattice vectors, crystal frame Å⁻¹; s (n,) weights (0 = padding).
     Returns a scalar in [0, 1] (1 = every peak on its lattice point)."""
+    excitation = 0.0
     if config.ewald:
         k0 = 1.0 / (12.398419843320026 / config.energy_kev)
-        gl = g @ rotation.T + jnp.array([0.0, 0.0, k0])
-        spot = gl * (k0 / jnp.linalg.norm(gl, axis=-1, keepdims=True)) - jnp.array([0.0, 0.0, k0])
+        gl = g @ rotation.T + jnp.array([0.0, 0.0, k0])  # k_out of the lattice point, lab frame
+        norm = jnp.linalg.norm(gl, axis=-1, keepdims=True)
+        spot = gl * (k0 / norm) - jnp.array([0.0, 0.0, k0])
         d = ((q - spot) @ rotation) / config.voxel_q
+        if config.excitation_width_voxels is not None:
+            e = (norm[..., 0] - k0) / config.voxel_q
+            excitation = e**2 / (2.0 * config.excitation_width_voxels**2)
     else:
         d = (q @ rotation - g) / config.voxel_q  # row form of Rᵀq − G, voxels
     d2 = d**2
-    expo = (jnp.sum(d2, -1) - config.bias_ratio * jnp.max(d2, -1)) / (2.0 * config.width_voxels**2)
+    expo = (jnp.sum(d2, -1) - config.bias_ratio * jnp.max(d2, -1)) / (2.0 * config.width_voxels**2) + excitation
     return jnp.sum(s * jnp.exp(-expo)) / jnp.maximum(jnp.sum(s), 1e-30)
 
 

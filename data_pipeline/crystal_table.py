@@ -1,0 +1,118 @@
+"""The per-crystal table of an indexing run (`crystals.h5`): the hand-off from indexing to merging.
+
+One row per indexed crystal (HDF5 group `/crystals`, resizable datasets, committed row count in the group
+attribute `n_rows`):
+  frame (int64, row of the CXI peak file / stream event), trainId, pulseId (uint64), pumped (int8, -1 unknown),
+  rotation (3, 3) float64 refined orientation (q_lab = R q_crystal, crystal frame of jaxpolaron.structure),
+  rotation_indexed (3, 3) before refinement, n_peaks, n_reflections, round (int32), score_before,
+  score_after (Eq. 1, float64), residual_rms (Å⁻¹).
+Root attributes: provenance and the run configuration (JSON). Appends are flushed; `resume` truncates to the
+committed count, so a crash loses at most the rows of the block being written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from jaxpolaron.errors import InputError
+
+GROUP = "crystals"
+COLUMNS: dict[str, tuple[tuple[int, ...], str]] = {
+    "frame": ((), "i8"),
+    "trainId": ((), "u8"),
+    "pulseId": ((), "u8"),
+    "pumped": ((), "i1"),
+    "rotation": ((3, 3), "f8"),
+    "rotation_indexed": ((3, 3), "f8"),
+    "n_peaks": ((), "i4"),
+    "n_reflections": ((), "i4"),
+    "round": ((), "i4"),
+    "score_before": ((), "f8"),
+    "score_after": ((), "f8"),
+    "residual_rms": ((), "f8"),
+}
+
+
+class CrystalTableWriter:
+    """Append rows (dicts of equal-length arrays, one key per COLUMNS entry) to `crystals.h5`."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, attrs: Mapping[str, object] | None = None):
+        from jaxpolaron.io import check_writable
+
+        self.path = check_writable(path)
+        try:
+            if resume and self.path.exists():
+                self._f = h5py.File(self.path, "r+")
+                if GROUP not in self._f:
+                    raise InputError(f"{self.path} is not a crystal table (no /{GROUP}); cannot resume.")
+                self._truncate(int(self._f[GROUP].attrs["n_rows"]))
+            else:
+                self._f = h5py.File(self.path, "w")
+                g = self._f.create_group(GROUP)
+                for name, (shape, dtype) in COLUMNS.items():
+                    g.create_dataset(name, (0, *shape), dtype, maxshape=(None, *shape), chunks=(256, *shape))
+                g.attrs["n_rows"] = 0
+                for k, v in (attrs or {}).items():
+                    self._f.attrs[k] = v if isinstance(v, str) else json.dumps(v, default=str)
+                self._f.flush()
+        except OSError as exc:
+            raise InputError(f"cannot write crystal table {self.path}: {exc}") from None
+        self._g = self._f[GROUP]
+
+    def _truncate(self, n: int) -> None:
+        g = self._f[GROUP]
+        for name in COLUMNS:
+            g[name].resize(n, axis=0)
+        g.attrs["n_rows"] = n
+        self._f.flush()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._g.attrs["n_rows"])
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n rows (resume to an earlier checkpoint)."""
+        if n < self.n_rows:
+            self._truncate(n)
+
+    def append(self, rows: Mapping[str, np.ndarray]) -> None:
+        k = len(rows["frame"])
+        if k == 0:
+            return
+        n = self.n_rows
+        for name, (shape, dtype) in COLUMNS.items():
+            v = np.asarray(rows[name], dtype).reshape(k, *shape)
+            self._g[name].resize(n + k, axis=0)
+            self._g[name][n:] = v
+        self._g.attrs["n_rows"] = n + k
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> CrystalTableWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_crystal_table(path: str | Path) -> dict[str, np.ndarray]:
+    """All committed rows as numpy arrays (column name -> (n_rows, ...))."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"crystal table {path} does not exist.")
+    try:
+        with h5py.File(path, "r") as f:
+            if GROUP not in f:
+                raise InputError(f"{path} is not a crystal table (no /{GROUP}).")
+            g = f[GROUP]
+            n = int(g.attrs["n_rows"])
+            return {name: g[name][:n] for name in COLUMNS}
+    except OSError as exc:
+        raise InputError(f"cannot read crystal table {path}: {exc}") from None
