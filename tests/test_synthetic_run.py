@@ -7,6 +7,7 @@ import pytest
 from data_pipeline import run_io, synthetic
 from data_pipeline.geometry import default_agipd_geometry
 from data_pipeline.io import read_crystfel_geom
+from jaxpolaron.errors import InputError
 
 CFG = synthetic.SyntheticConfig(
     sizes_nm=(3.0, 4.0), grid_n=65, hit_fraction=0.5, fluence_ph_per_um2=1e15, bad_pixel_fraction=1e-3
@@ -99,8 +100,9 @@ def test_hits_have_bragg_intensity_and_misses_do_not(run):
         crystals = synthetic.Crystals(
             n=truth["n_crystals"][i],
             rotations=truth["rotations"][i],
-            size_index=np.searchsorted(CFG.sizes_nm, truth["sizes_nm"][i]).astype(np.int32),
+            size_index=truth["size_index"][i],
             sizes_nm=truth["sizes_nm"][i],
+            variant=truth["variant"][i],
             pumped=truth["pumped"][i],
         )
         expected = np.asarray(synthetic.bragg_photons(det, vol, crystals))
@@ -111,5 +113,25 @@ def test_hits_have_bragg_intensity_and_misses_do_not(run):
 
 
 def test_config_rejects_bad_hit_fraction():
-    with pytest.raises(ValueError, match="hit_fraction"):
+    with pytest.raises(InputError, match="hit_fraction"):
         synthetic.SyntheticConfig(hit_fraction=1.5)
+
+
+def test_frames_are_keyed_by_index_and_misses_skip_the_crystal_loop(run):
+    _, written, det, vol, _ = run
+    # frames 5..8 generated on their own equal the same frames of the whole run (what --resume relies on)
+    part = [f for f, _ in synthetic.frames(jax.random.key(1), det, vol, CFG, LAYOUT, start=5, stop=9)]
+    np.testing.assert_array_equal(np.stack(part), written[5:9])
+    miss = synthetic.Crystals(*synthetic.draw_crystals(jax.random.key(0), CFG, 1, False))._replace(n=np.int32(0))
+    np.testing.assert_array_equal(np.asarray(synthetic.bragg_photons(det, vol, miss)), 0.0)
+
+
+def test_poisson_counts_deterministic_and_unbiased():
+    lam = np.full((200, 500), 0.7)
+    bad = np.zeros(lam.shape, bool)
+    bad[0, :10] = True
+    a = synthetic.poisson_counts(jax.random.key(3), lam, bad)
+    np.testing.assert_array_equal(a, synthetic.poisson_counts(jax.random.key(3), lam, bad))
+    assert not np.array_equal(a, synthetic.poisson_counts(jax.random.key(4), lam, bad))
+    assert a.dtype == np.float32 and (a[0, :10] == 0).all()
+    assert abs(a[1:].mean() - 0.7) < 4 * np.sqrt(0.7 / a[1:].size) and abs(a[1:].var() - 0.7) < 0.02
