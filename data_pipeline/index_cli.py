@@ -81,7 +81,7 @@ def _config(args, index: bool):
                 match_tol=args.match_tol,
             ),
             refinement=RefinementConfig(
-                ewald=True, excitation_width_voxels=9.2, steps=args.refine_steps, energy_kev=args.energy_kev
+                ewald=True, excitation_width_voxels=15.0, steps=args.refine_steps, energy_kev=args.energy_kev
             ),
         )
     return IndexRunConfig(

@@ -52,7 +52,7 @@ class IndexRunConfig:
     peakfinder: Peakfinder8Config = dataclasses.field(default_factory=default_peakfinder_config)
     indexing: IndexingConfig = dataclasses.field(default_factory=IndexingConfig)
     refinement: RefinementConfig = dataclasses.field(
-        default_factory=lambda: RefinementConfig(ewald=True, excitation_width_voxels=9.2)
+        default_factory=lambda: RefinementConfig(ewald=True, excitation_width_voxels=15.0)
     )
     energy_kev: float = 13.6
     clen_m: float = 0.1224
