@@ -25,3 +25,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_structure_factor.py
+
+# OM (ondamonitor) in its own environment (it needs numpy<2): the peakfinder8 reference of
+# benchmarks/bench_peakfinder.py --ondamonitor (benchmarks/om_reference.py).
+OM_VENV := .venv-om
+
+.PHONY: om-venv
+om-venv: $(OM_VENV)/.installed
+
+$(OM_VENV)/.installed:
+	$(PYTHON) -m venv $(OM_VENV)
+	$(OM_VENV)/bin/pip install --quiet --upgrade pip
+	$(OM_VENV)/bin/pip install --quiet "numpy<2" ondamonitor==23.8.3
+	touch $@

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_peakfinder.py             # current data_pipeline.peakfinder
     .venv/bin/python benchmarks/bench_peakfinder.py --baseline  # also the committed version (git show HEAD:…)
     .venv/bin/python benchmarks/bench_peakfinder.py --repeats 9 --parts
+    .venv/bin/python benchmarks/bench_peakfinder.py --ondamonitor   # vs OM's peakfinder8 (make om-venv)
 
 Frames: Poisson background λ(r) = 30 + 300·exp(-r/100) on the default AGIPD-1M geometry
 (data_pipeline.geometry), plus 50 Gaussian spots (σ = 1 px, 5e3…4e4 counts) at random
@@ -13,12 +14,23 @@ input, 5 passes; the binning is precomputed outside the timing) — compare the 
 runs rather than absolute frames/s.
 
 With ``--parts`` the stages of the fast path are timed separately (each its own jit).
+
+With ``--ondamonitor`` the same frames are written to a temporary .npz and run through OM's peakfinder8
+(``.venv-om/bin/python benchmarks/om_reference.py``: normal and fast_mode, 1 and 2 processes) in alternating
+rounds with ours (single frame, batched, and our fast mode ``radial_pixels_per_bin=100``); each timing is the
+best of ``--rounds`` rounds. Two frame sets: the spot frames above, and synthetic AGIPD frames of the product
+(``data_pipeline.synthetic``: 4/5/6 nm CsPbBr3 crystals, every frame a hit, 1e14 photons/µm², photon units;
+peak finder settings adc_threshold 2, minimum_snr 5, max_pixel_count 400 as for photon data, and with
+adc_threshold 0). Recall = fraction of OM (normal mode) peaks matched by one of ours within 1.5 px on the same
+panel; "extra" = our peaks matching none of OM's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -111,7 +123,14 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--baseline", action="store_true", help="also time the committed (git HEAD) version")
     ap.add_argument("--parts", action="store_true", help="time the stages of the fast path separately")
+    ap.add_argument("--ondamonitor", action="store_true", help="compare with OM's peakfinder8 (needs .venv-om)")
+    ap.add_argument("--om-python", default=os.path.join(ROOT, ".venv-om", "bin", "python"))
+    ap.add_argument("--rounds", type=int, default=3, help="--ondamonitor: alternating timing rounds")
+    ap.add_argument("--frames", type=int, default=16, help="--ondamonitor: frames per set")
+    ap.add_argument("--no-synthetic", action="store_true", help="--ondamonitor: spot frames only")
     args = ap.parse_args()
+    if args.ondamonitor:
+        return compare_ondamonitor(args)
 
     flags = os.environ.get("XLA_FLAGS", "")
     print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} cpus, XLA_FLAGS={flags!r}")
@@ -160,29 +179,143 @@ def main():
             print(f"  {label:42s} {t * 1e3:8.2f} ms")
 
 
+def synthetic_frames(n, seed=0, fluence=1e14):
+    """(frames (n, 16, 512, 128) photons, good-pixel mask, radius) from data_pipeline.synthetic (all hits)."""
+    from data_pipeline import synthetic as syn
+    from data_pipeline.geometry import default_agipd_geometry, pixel_positions, pixel_radius
+    from jaxpolaron.structure import read_cif
+
+    scfg = syn.SyntheticConfig(sizes_nm=(4.0, 5.0, 6.0), grid_n=129, hit_fraction=1.0, fluence_ph_per_um2=fluence)
+    geom = default_agipd_geometry()
+    det = syn.detector(geom, scfg, key=jax.random.key(seed + 1))
+    vol = syn.crystal_volumes(read_cif(), scfg)
+    layout = syn.RunLayout(n_trains=1, n_pulses=n)
+    frames = np.stack([f for f, _ in syn.frames(jax.random.key(seed + 2), det, vol, scfg, layout)])
+    radius = pixel_radius(pixel_positions(geom)).astype(np.float32)
+    return frames.astype(np.float32), ~np.asarray(det.bad), radius
+
+
+def match_peaks(ours, om, tol=1.5):
+    """(OM peaks, OM peaks matched by one of ours within tol px on the same panel, our unmatched peaks)."""
+    n_om = n_hit = n_extra = 0
+    for i in range(len(ours.n_peaks)):
+        n = int(ours.n_peaks[i])
+        fs, ss, pan = (np.asarray(x[i, :n]) for x in (ours.fs, ours.ss, ours.panel))
+        sel = om["frame"] == i
+        d = np.hypot(om["fs"][sel][:, None] - fs[None], om["ss"][sel][:, None] - ss[None])
+        d[om["panel"][sel][:, None] != pan[None]] = np.inf
+        close = d <= tol
+        n_om += int(sel.sum())
+        n_hit += int(close.any(axis=1).sum())
+        n_extra += int((~close.any(axis=0)).sum())
+    return n_om, n_hit, n_extra
+
+
+def om_as_peaklist(z, mode, n_frames):
+    """OM's peaks of one mode as a (ragged -> padded) PeakList-like object for match_peaks."""
+    fr = z[f"{mode}_frame"]
+    m = max(int(np.bincount(fr, minlength=n_frames).max()) if fr.size else 0, 1)
+    cols = {k: np.zeros((n_frames, m)) for k in ("fs", "ss")}
+    cols["panel"] = np.full((n_frames, m), -1)
+    counts = np.zeros(n_frames, int)
+    for j in range(fr.size):
+        i = fr[j]
+        for k in ("fs", "ss", "panel"):
+            cols[k][i, counts[i]] = z[f"{mode}_{k}"][j]
+        counts[i] += 1
+    return type("OmPeaks", (), {"n_peaks": counts, **cols})
+
+
+def compare_ondamonitor(args):
+    """Ours vs OM's peakfinder8 on identical frames: frames/s (alternating rounds) and recall."""
+    if not os.path.exists(args.om_python):
+        raise SystemExit(f"{args.om_python} not found: run `make om-venv` first")
+    print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} cpus, load {os.getloadavg()}")
+    r = radius_map()
+    max_res = float(np.ceil(r.max()) + 1)  # OM takes integer radii; every pixel is inside
+    sets = [("spots", make_frames(args.frames, r), np.ones(SHAPE, bool), r, {})]
+    if not args.no_synthetic:
+        t0 = time.perf_counter()
+        fr, good, rs = synthetic_frames(args.frames)
+        print(f"synthetic AGIPD frames: {time.perf_counter() - t0:.0f} s to simulate")
+        photon = {"adc_threshold": 2.0, "minimum_snr": 5.0, "max_pixel_count": 400}
+        sets += [("synthetic adc2", fr, good, rs, photon), ("synthetic adc0", fr, good, rs, {})]
+    tmp = tempfile.mkdtemp(prefix="bench-pf8-")
+    rows = []
+    for name, frames, mask, radius, kw in sets:
+        cfg = pf.Peakfinder8Config(max_res=max_res, max_num_peaks=2048, **kw)
+        fast = dataclasses.replace(cfg, radial_pixels_per_bin=100)
+        inp = os.path.join(tmp, "frames.npz")
+        np.savez(inp, frames=frames, mask=mask, radius=radius)
+        om_args = [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in OM_PARAMS]
+        fr_d, mask_d, r_d = jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(radius)
+        bn, bn_fast = pf.make_binning(radius, mask, cfg), pf.make_binning(radius, mask, fast)
+        a = (fr_d, mask_d, r_d)
+        ours = {
+            "ours single": lambda c=cfg, b=bn, a=a: [pf.find_peaks(f, a[1], a[2], c, b) for f in a[0]],
+            "ours batched": lambda c=cfg, b=bn, a=a: pf.find_peaks_batch(*a, c, b),
+            "ours fast batched": lambda c=fast, b=bn_fast, a=a: pf.find_peaks_batch(*a, c, b),
+        }
+        best = dict.fromkeys([*ours, "OM normal", "OM fast", "OM fast 2 proc"], 0.0)
+        om_out = os.path.join(tmp, "om.npz")
+        for _ in range(args.rounds):
+            for label, fn in ours.items():
+                best[label] = max(best[label], len(frames) / timeit(fn, 1))
+            for procs, modes in ((1, "normal,fast"), (2, "fast")):
+                out = om_out if procs == 1 else os.path.join(tmp, "om2.npz")
+                cmd = [args.om_python, os.path.join(ROOT, "benchmarks", "om_reference.py"), inp, "--out", out]
+                cmd += [f"--modes={modes}", f"--processes={procs}", "--repeats=2", *om_args]
+                res = json.loads(
+                    subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+                )
+                for mode in modes.split(","):
+                    key = {"normal": "OM normal", "fast": "OM fast"}[mode] + (" 2 proc" if procs == 2 else "")
+                    best[key] = max(best[key], res[mode]["frames_per_s"])
+        z = dict(np.load(om_out))
+        ref = {k[len("normal_") :]: v for k, v in z.items() if k.startswith("normal_")}
+        results = {
+            "ours": pf.find_peaks_batch(fr_d, mask_d, r_d, cfg, bn),
+            "ours fast": pf.find_peaks_batch(fr_d, mask_d, r_d, fast, bn_fast),
+            "OM fast": om_as_peaklist(z, "fast", len(frames)),
+        }
+        recall = {k: match_peaks(v, ref) for k, v in results.items()}
+        rows.append((name, len(frames), best, recall))
+    print_comparison(rows)
+
+
+OM_PARAMS = ("adc_threshold", "minimum_snr", "min_pixel_count", "max_pixel_count", "local_bg_radius", "min_res")
+OM_PARAMS += ("max_res", "max_num_peaks")
+
+
+def print_comparison(rows):
+    for name, n, best, recall in rows:
+        print(f"\n{name}: {n} frames (16×512×128); frames/s = best of the rounds")
+        ref = best["OM fast"]
+        for label, fps in best.items():
+            ratios = f"{fps / ref:5.2f} × OM fast   {fps / best['OM normal']:5.2f} × OM normal"
+            print(f"  {label:22s} {fps:8.1f} frames/s   {ratios}")
+        for label, (n_om, n_hit, n_extra) in recall.items():
+            frac = n_hit / max(n_om, 1)
+            print(f"  recall of OM normal's {n_om} peaks by {label:10s}: {n_hit} ({frac:.2%}), extra peaks {n_extra}")
+
+
 def time_parts(frame, cfg, bn, repeats):
     """Stages of the fast path (private functions of data_pipeline.peakfinder; they may change)."""
-    panel = frame.shape[1:]
-    front = jax.jit(lambda x, b: pf._front(x, None, None, cfg, b))(frame, bn)
-    d, g, b, above, stats = front
-    cand = g & above
-    comps = jax.jit(lambda *a: pf._components_compact(*a, cfg))(d, cand, b, stats.offset)[0]
-    tiles = lambda x: pf._to_tiles(x, cfg.asic_shape).reshape(-1)  # noqa: E731
+    m = pf._paths(cfg)[0]
+    d, g, b, cand, stats = jax.jit(lambda x, bb: pf._front(x, None, None, cfg, bb))(frame, bn)
+    comps = jax.jit(lambda *a: pf._components_compact(*a, cfg, m))(d, cand, b, stats.offset)[0]
+    row = pf._ROW
     parts = [
-        ("tile layout + radial statistics (5 passes)", lambda: pf._radial_statistics_binned(tiles(frame), bn, cfg), ()),
-        ("  of which: gather into sorted layout", lambda: tiles(frame)[bn.pixels], ()),
-        ("front: statistics + above-threshold map", lambda: pf._front(frame, None, None, cfg, bn), ()),
+        ("radial statistics (5 passes)", lambda: pf._radial_statistics_binned(frame.reshape(-1), bn, cfg), ()),
+        ("  of which: gather into sorted layout", lambda: frame.reshape(-1)[bn.pixels], ()),
+        ("front: statistics + candidate map", lambda: pf._front(frame, None, None, cfg, bn), ()),
+        (f"compact candidate indices ({m})", lambda c: pf._compact(c.reshape(-1, row), m), (cand,)),
         (
-            "compact candidate indices",
-            lambda c: pf._compact_indices(c.reshape(-1, cfg.asic_shape[1]), cfg.max_num_candidates),
-            (cand,),
+            "components (compact, incl. indices)",
+            lambda *a: pf._components_compact(*a, cfg, m),
+            (d, cand, b, stats.offset),
         ),
-        ("components (compact, incl. indices)", lambda *a: pf._components_compact(*a, cfg), (d, cand, b, stats.offset)),
-        (
-            "local background + acceptance + sort",
-            lambda *a: pf._measure(*a, panel, cfg),
-            (d, g, b, above, stats, comps),
-        ),
+        ("local background + acceptance + sort", lambda *a: pf._measure(*a, cfg), (d, g, b, stats, comps)),
         ("whole find_peaks", lambda: pf.find_peaks(frame, None, None, cfg, binning=bn), ()),
     ]
     print(f"  ({int(jnp.sum(cand))} candidate pixels, {int(comps[0])} components)")

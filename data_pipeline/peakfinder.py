@@ -1,35 +1,50 @@
 """peakfinder8 Bragg-spot finder in jitted JAX (AGIPD-1M and any tiled detector).
 
 The algorithm follows CrystFEL's ``libcrystfel/src/peakfinder8.c`` (Barty, Mariani, Yefanov), which is
-also what OnDA/OM and cfelpyutils implement:
+also what OnDA/OM and cfelpyutils implement; the reference we check against is OM 23.8.3's
+``Peakfinder8PeakDetection`` (``benchmarks/om_reference.py``):
 
-1. Radial statistics: pixels are binned by ``rint(radius)``; per bin a mean ("offset") and standard
+1. Good pixels: mask and ``min_res <= radius <= max_res`` (OM zeroes its mask where r < min_res or r > max_res).
+2. Radial statistics: pixels are binned by ``rint(radius)``; per bin a mean ("offset") and standard
    deviation are computed over good pixels, ``n_sigma_clip_iterations`` times, each pass keeping only pixels
    with ``offset - snr·σ < value < max(adc_threshold, offset + snr·σ)`` of the previous pass (the first pass
    keeps everything). An empty bin gets offset 0, σ 0 and thresholds (FLT_MAX, FLT_MIN) as in the reference.
-2. Candidate pixels: good (mask, ``min_res <= radius < max_res``) and ``value > threshold[bin]``.
-3. 8-connected components of candidates, never across ASIC borders. The reference flood-fills from seeds
+3. Candidate pixels: good and ``value > threshold[bin]``.
+4. 8-connected components of candidates, never across ASIC borders. The reference flood-fills from seeds
    that are *not* on an ASIC's outermost rows/columns, so a component made only of edge pixels is never
    found; we keep that rule.
-4. Per component: pixel count in [min_pixel_count, max_pixel_count]; a first centroid weighted by
-   ``value - offset[bin]``; local background = mean/std of good, below-threshold pixels in a disc of radius
-   ``2·local_bg_radius`` around the rounded first centroid (square loop ``[-2R, 2R)`` as in the reference),
-   restricted to the ASIC; then total = Σ(value - local_offset), max = max(value - local_offset, 0),
-   final centroid weighted by the raw values, ``snr = total / local_sigma`` (the reference's definition:
-   *not* divided by √npix). Accepted when snr >= minimum_snr, max >= (max background pixel - local_offset),
-   and the centroid lies inside the ASIC.
+5. Per component: pixel count in [min_pixel_count, max_pixel_count]; a first centroid weighted by
+   ``value - offset[bin]``; local background = mean/std of good pixels with ``value < threshold[bin]``
+   (strictly: pixels in any component are above it) in a disc of radius ``2·local_bg_radius`` around the
+   rounded first centroid (square loop ``[-2R, 2R)`` as in the reference), restricted to the ASIC; without
+   any such pixel the radial offset at the centroid and σ = 0.01. Then total = Σ(value - local_offset),
+   max = max(value - local_offset, 0), final centroid weighted by the raw values, ``snr = total / local_sigma``
+   (the reference's definition: *not* divided by √npix; 0 when σ <= 1e-10). Accepted when snr >= minimum_snr,
+   max >= (max background value, at least 0) - local_offset, and the centroid lies inside the ASIC.
 
-JAX formulation (why it looks different from the C): frames are reshaped into ASIC tiles
-``(n_tiles, asic_ss, asic_fs)`` so that "never across an ASIC border" is just padding of each tile.
-Radial statistics: with a ``RadialBinning`` (``make_binning``, host side, once per geometry and mask) the good
-pixels are gathered once per frame into a layout sorted by bin (rows of 64 pixels of one bin), so each
-clipping pass is a dense row sum plus a small segment sum over rows; without it, a scatter over all pixels.
-Candidate pixels are rare, so they are compacted (at most ``max_num_candidates``, raster order) and
-components are found on that list by iterative min-label propagation over the 8 neighbours plus pointer
-jumping, inside a bounded ``lax.while_loop``; per-component sums are segment sums over the compacted list.
-A frame with more candidates is redone on the whole frame (3×3 min-pool propagation and dense segment sums;
-identical results). The at most ``max_num_components`` surviving roots are compacted with
-``nonzero(size=…)`` to gather their background discs. All shapes are static, so everything jits.
+Conventions that decide ties, as in OM on its stacked ``(P·ss, fs)`` AGIPD layout: the centroids are computed
+in float32 in *stacked* coordinates (``P_index·ss + ss``, ``fs``), so that ``rint`` of a centroid that falls
+on .5 (two equal pixels: the commonest peak) picks the same background disc as OM (rint rounds half to even).
+
+Known difference from OM/CrystFEL (not reproduced): their flood fill loops ``for (p = 0; p <= n; p++)`` over
+the pixel list of the growing peak, i.e. one entry past its end; that entry holds the ASIC coordinates of a
+pixel of an *earlier* peak (possibly on another ASIC), so a peak may absorb above-threshold pixels next to
+that stale position. On sparse photon-counting frames this merges a few neighbouring clusters into one
+peak (~2 % of OM's peaks in ``benchmarks/bench_peakfinder.py --ondamonitor``); we find the clusters as the
+separate connected components they are. OM keeps the first ``max_num_peaks`` peaks in ASIC scan order; we
+keep the ``max_num_peaks`` brightest.
+
+JAX formulation (why it looks different from the C): all shapes are static and nothing loops over pixels.
+Frames stay in their (P, ss, fs) layout; ASIC borders are coordinate tests. Radial statistics: with a
+``RadialBinning`` (``make_binning``, host side, once per geometry and mask) the good pixels are gathered once
+per frame into rows of 64 pixels of one panel and one bin (sorted by panel, then bin: a cache-friendly
+gather); each clipping pass is a dense row reduction plus a small segment sum over rows. Without it, a
+scatter over all pixels. Candidate pixels are rare: they are compacted (raster order, at most
+``max_num_candidates``; first tried with 4096) by a row-count prefix sum and a binary search, and components
+are found on that list by iterative min-label propagation over the 8 neighbours plus pointer jumping, inside
+a bounded ``lax.while_loop``; per-component sums are segment sums over the list. A frame with more candidates
+is redone on the whole frame (3×3 min-pool propagation and dense segment sums; identical results). The
+background discs are measured 128 components at a time in a loop that runs only over the components found.
 
 Coordinates: ``fs``/``ss`` are in pixels of the panel (module) array, with integer values at pixel centres
 (OM/cfelpyutils convention; CrystFEL adds 0.5 when it stores a peak). Intensities are in detector units (ADU
@@ -49,6 +64,9 @@ from jax import lax
 
 _FLT_MAX = float(np.finfo(np.float32).max)
 _FLT_MIN = float(np.finfo(np.float32).tiny)  # the reference's (odd) lower threshold of an empty bin
+_FAST_CANDIDATES = 4096  # first try with this many compacted candidate pixels (then max_num_candidates)
+_CHUNK = 128  # components measured per loop iteration
+_ROW = 16  # pixels per row of the candidate map's row-count prefix sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +77,8 @@ class Peakfinder8Config:
     minimum_snr: σ multiplier of the radial threshold and the minimum peak SNR.
     min_pixel_count, max_pixel_count: accepted component sizes, pixels (inclusive).
     local_bg_radius: R, pixels; the local background disc has radius 2R (as in the reference).
-    min_res, max_res: accepted pixel radius from the beam centre, pixels: ``min_res <= r < max_res``.
+    min_res, max_res: accepted pixel radius from the beam centre, pixels: ``min_res <= r <= max_res``
+        (OM takes integers here).
     max_num_peaks: length of the fixed-size output arrays.
     asic_shape: (ss, fs) pixels of one ASIC; panels must be whole multiples of it.
     n_sigma_clip_iterations: passes of the radial sigma clipping.
@@ -68,6 +87,11 @@ class Peakfinder8Config:
     max_label_iterations: bound on label-propagation sweeps (pointer jumping converges in far fewer).
     max_num_candidates: above-threshold pixels compacted for labelling and per-component sums (a
         performance knob only: a frame with more candidates falls back to the slower whole-frame path).
+    radial_pixels_per_bin: 0 (default): the radial statistics use every good pixel (the reference
+        algorithm). N > 0: the analogue of OM's ``fast_mode`` (OM: 100): each bin's statistics use at most N
+        of its good pixels, evenly spaced in (panel, raster) order, a fixed subsample chosen with the binning
+        (OM draws it at random). Everything else still uses every pixel. Needs a RadialBinning (find_peaks
+        builds one, slowly, when none is given).
     """
 
     adc_threshold: float = 0.0
@@ -83,6 +107,7 @@ class Peakfinder8Config:
     max_num_components: int = 4096
     max_label_iterations: int = 256
     max_num_candidates: int = 16384
+    radial_pixels_per_bin: int = 0
 
     def __post_init__(self):
         if self.max_res <= self.min_res:
@@ -93,6 +118,8 @@ class Peakfinder8Config:
             raise ValueError("max_num_candidates must be >= 1")
         if self.local_bg_radius < 1 or self.min_pixel_count < 1:
             raise ValueError("local_bg_radius and min_pixel_count must be >= 1")
+        if self.radial_pixels_per_bin < 0:
+            raise ValueError("radial_pixels_per_bin must be >= 0 (0 = every pixel)")
 
     @property
     def n_radial_bins(self) -> int:
@@ -131,7 +158,7 @@ class PeakList(NamedTuple):
 
 
 def _good_and_bins(mask, radius, config):
-    good = mask & (radius >= config.min_res) & (radius < config.max_res)
+    good = mask & (radius >= config.min_res) & (radius <= config.max_res)
     bins = jnp.clip(jnp.rint(radius), 0, config.n_radial_bins - 1).astype(jnp.int32)
     return good, bins
 
@@ -139,13 +166,13 @@ def _good_and_bins(mask, radius, config):
 class RadialBinning(NamedTuple):
     """Precomputed radial binning of one geometry + mask (build it with :func:`make_binning`, host side).
 
-    The good pixels (mask, ``min_res <= r < max_res``) of the ASIC-tile layout (see ``_to_tiles``) sorted by
-    radial bin and cut into rows of ``W`` pixels, each row holding pixels of a single bin (the last row of a
-    bin is padded): a per-bin reduction is then a dense row reduction plus a segment sum over the R rows.
+    The good pixels (mask, ``min_res <= r <= max_res``) sorted by panel, then radial bin, then raster order,
+    cut into rows of ``W`` pixels, each row holding pixels of a single panel and bin (the last row of a group
+    is padded): a per-bin reduction is then a dense row reduction plus a segment sum over the R rows.
 
-    pixels: (R, W) int32 flat index into the tile layout (padding: 0). valid: (R, W) bool, False = padding.
-    row_bin: (R,) int32 bin of each row, non-decreasing. good: (T, a_ss, a_fs) bool and bins: (T, a_ss, a_fs)
-    int32, the good-pixel map and radial bin of every pixel in tile layout.
+    pixels: (R, W) int32 flat index into the (P, ss, fs) frame (padding: 0). valid: (R, W) bool, False =
+    padding. row_bin: (R,) int32 bin of each row. good: (P, ss, fs) bool and bins: (P, ss, fs) int32, the
+    good-pixel map and radial bin of every pixel.
     """
 
     pixels: jax.Array
@@ -167,25 +194,43 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     _check_shape(radius.shape, config)
     nb = config.n_radial_bins
     # Same float32 arithmetic as _good_and_bins (python floats are weakly typed on both sides).
-    good = mask & (radius >= np.float32(config.min_res)) & (radius < np.float32(config.max_res))
+    good = mask & (radius >= np.float32(config.min_res)) & (radius <= np.float32(config.max_res))
     bins = np.clip(np.rint(radius), 0, nb - 1).astype(np.int32)
-    g_t, b_t = (_to_tiles(x, config.asic_shape) for x in (good, bins))
-    pix = np.flatnonzero(g_t.reshape(-1))
-    bb = b_t.reshape(-1)[pix]
-    order = np.argsort(bb, kind="stable")
-    pix, bb = pix[order], bb[order]
-    counts = np.bincount(bb, minlength=nb)
-    rows_per_bin = -(-counts // row_width)
-    n_rows = max(int(rows_per_bin.sum()), 1)
-    row_bin = np.zeros(n_rows, np.int32)
-    row_bin[: rows_per_bin.sum()] = np.repeat(np.arange(nb, dtype=np.int32), rows_per_bin)
-    rank = np.arange(pix.size) - (np.cumsum(counts) - counts)[bb]
-    row = (np.cumsum(rows_per_bin) - rows_per_bin)[bb] + rank // row_width
+    pix = np.flatnonzero(good)
+    if config.radial_pixels_per_bin:
+        pix = pix[_subsample(bins.reshape(-1)[pix], config.radial_pixels_per_bin)]
+    key = (pix // (radius.shape[1] * radius.shape[2])) * nb + bins.reshape(-1)[pix]
+    order = np.argsort(key, kind="stable")
+    pix, key = pix[order], key[order]
+    start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[start, key.size])
+    rows_per_group = -(-counts // row_width)
+    n_rows = max(int(rows_per_group.sum()), 1)
+    rank = np.arange(pix.size) - np.repeat(start, counts)
+    row = np.repeat(np.cumsum(rows_per_group) - rows_per_group, counts) + rank // row_width
     pixels = np.zeros((n_rows, row_width), np.int32)
     valid = np.zeros((n_rows, row_width), bool)
+    row_bin = np.zeros(n_rows, np.int32)
     pixels[row, rank % row_width] = pix
     valid[row, rank % row_width] = True
-    return RadialBinning(*(jnp.asarray(x) for x in (pixels, valid, row_bin, g_t, b_t)))
+    row_bin[row] = key % nb
+    return RadialBinning(*(jnp.asarray(x) for x in (pixels, valid, row_bin, good, bins)))
+
+
+def _subsample(pixel_bins, n_per_bin):
+    """Boolean selection of at most n_per_bin entries per bin, evenly spaced in the given (raster) order:
+    ranks floor(j·count/n) for j < n of each bin with count > n, every entry of the others."""
+    order = np.argsort(pixel_bins, kind="stable")
+    b = pixel_bins[order]
+    start = np.flatnonzero(np.r_[True, b[1:] != b[:-1]]) if b.size else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[start, b.size])
+    rank = np.arange(b.size) - np.repeat(start, counts)
+    c = np.repeat(counts, counts).astype(np.int64)
+    n = np.int64(n_per_bin)
+    chosen = (c <= n) | ((rank + 1) * n // c > rank * n // c)
+    out = np.zeros(b.size, bool)
+    out[order] = chosen
+    return out
 
 
 def _clip_pass(mom, config):
@@ -230,23 +275,23 @@ def _radial_statistics_scatter(data, mask, radius, config):
     return _clip_loop(one_pass, d.dtype, config)
 
 
+def _row_moments(v, keep):
+    """(count, Σx, Σx²) of the kept entries of each row: v, keep (R, W) -> (R, 3)."""
+    w = jnp.where(keep, v, 0.0)
+    # One matrix-vector product for the three row sums: faster on CPU than three reductions.
+    x = jnp.stack([keep.astype(v.dtype), w, w * w])  # (3, R, W)
+    return jnp.einsum("krw,w->rk", x, jnp.ones(v.shape[1], v.dtype), precision=lax.Precision.HIGHEST)
+
+
 def _radial_statistics_binned(d_flat, binning: RadialBinning, config):
     """Same statistics from the pre-sorted layout: one gather, then dense row sums per pass."""
-    v = d_flat[binning.pixels]  # (R, W)
-    rb, valid = binning.row_bin, binning.valid
-    nb = config.n_radial_bins
-
-    ones = jnp.ones(v.shape[1], v.dtype)
+    valid, rb = binning.valid, binning.row_bin
+    v = jnp.where(valid, d_flat[binning.pixels], 0.0)  # (R, W)
 
     def one_pass(_, carry):
         upper, lower, *_ = carry
-        keep = valid & (v < upper[rb][:, None]) & (v > lower[rb][:, None])
-        w = jnp.where(keep, v, 0.0)
-        # Row sums of (kept, x, x²) as one matrix-vector product: ~30 % faster on CPU than three reductions.
-        x = jnp.stack([keep.astype(v.dtype), w, w * w])  # (3, R, W)
-        rows = jnp.einsum("krw,w->rk", x, ones, precision=lax.Precision.HIGHEST)
-        mom = jax.ops.segment_sum(rows, rb, num_segments=nb, indices_are_sorted=True)
-        return _clip_pass(mom, config)
+        rows = _row_moments(v, valid & (v < upper[rb][:, None]) & (v > lower[rb][:, None]))
+        return _clip_pass(jax.ops.segment_sum(rows, rb, num_segments=config.n_radial_bins), config)
 
     return _clip_loop(one_pass, v.dtype, config)
 
@@ -261,18 +306,11 @@ def radial_statistics(
     ``config.n_radial_bins`` bins (bin i holds pixels with rint(r) == i). With ``binning`` (from
     make_binning for this mask and radius) mask and radius are not used and the faster sorted layout is.
     """
-    data = jnp.asarray(data)
+    data = jnp.asarray(data, jnp.float32)
+    binning = _ensure_binning(mask, radius, config, binning)
     if binning is None:
         return _radial_statistics_scatter(data, mask, radius, config)
-    return _radial_statistics_binned(_to_tiles(data, config.asic_shape).reshape(-1), binning, config)
-
-
-def _to_tiles(x, asic_shape):
-    """(P, ss, fs) -> (P·n_ss·n_fs, a_ss, a_fs): one slab per ASIC, tiles ordered (panel, asic_ss, asic_fs)."""
-    p, ss, fs = x.shape
-    a_ss, a_fs = asic_shape
-    x = x.reshape(p, ss // a_ss, a_ss, fs // a_fs, a_fs)
-    return x.transpose(0, 1, 3, 2, 4).reshape(-1, a_ss, a_fs)
+    return _radial_statistics_binned(data.reshape(-1), binning, config)
 
 
 def _check_shape(shape, config):
@@ -282,28 +320,45 @@ def _check_shape(shape, config):
         raise ValueError(f"panel shape {(ss, fs)} is not a multiple of asic_shape {config.asic_shape}")
 
 
-def _label_components(cand, max_iter):
-    """8-connected component labels of ``cand`` (T, a, b) bool, per tile.
+# --- candidates and connected components ------------------------------------------------------------------------
 
-    Returns (T, a, b) int32: for candidates the smallest flat index (tile layout) in the component, else N.
-    """
-    n = cand.size
-    own = jnp.arange(n, dtype=jnp.int32).reshape(cand.shape)
-    lab0 = jnp.where(cand, own, n)
 
-    def sweep(state):
-        lab, _, it = state
-        # 3×3 min over each tile; padding with N keeps labels from leaking across ASIC borders.
-        nb = lax.reduce_window(lab, n, lax.min, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)))
-        new = jnp.where(cand, nb, n)
-        # Pointer jumping: a label is the index of a pixel of the same component, so adopting that pixel's
-        # label keeps the minimum and shortens long chains (snakes) from O(length) to O(log length) sweeps.
-        flat = jnp.concatenate([new.reshape(-1), jnp.array([n], jnp.int32)])
-        new = jnp.where(cand, flat[new], n)
-        return new, jnp.any(new != lab), it + 1
+def _compact(rows, size):
+    """Flat indices of the True entries of ``rows`` (n_rows, w) bool in raster order, padded with n = rows.size
+    to ``size``, and their count (the indices are incomplete when it exceeds ``size``).
 
-    lab, _, _ = lax.while_loop(lambda s: s[1] & (s[2] < max_iter), sweep, (lab0, jnp.array(True), 0))
-    return lab
+    No whole-array nonzero/scatter (slow on CPU): a prefix sum of the row counts, a binary search of each
+    output slot's row, and the slot's rank among its row's True entries."""
+    n_rows, w = rows.shape
+    row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
+    cum = jnp.cumsum(row_count)  # inclusive
+    j = jnp.arange(size, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(cum, j, side="right").astype(jnp.int32), n_rows - 1)
+    rank = j - (cum[row] - row_count[row])
+    prefix = jnp.cumsum(rows[row], axis=1, dtype=jnp.int32)  # (size, w)
+    col = jnp.sum(prefix <= rank[:, None], axis=1, dtype=jnp.int32)
+    count = cum[-1]
+    return jnp.where(j < count, row * w + col, rows.size).astype(jnp.int32), count
+
+
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _coords(flat, shape, config):
+    """Stacked row (P_index·ss + ss), panel ss, fs and in-ASIC (ss, fs) of raw flat indices."""
+    _, s, f = shape
+    a_ss, a_fs = config.asic_shape
+    stacked = flat // f
+    x = flat % f
+    y = stacked % s
+    return stacked, y, x, y % a_ss, x % a_fs
+
+
+def _component_columns(dv, net, flat, shape, config):
+    """Per-pixel columns summed per component: count, net, net·Y, net·X, raw, raw·Y, raw·X, raw·y (panel)."""
+    stacked, y, x, _, _ = _coords(flat, shape, config)
+    ys, yp, xf = stacked.astype(jnp.float32), y.astype(jnp.float32), x.astype(jnp.float32)
+    return jnp.stack([jnp.ones_like(dv), net, net * ys, net * xf, dv, dv * ys, dv * xf, dv * yp], -1)
 
 
 def _size_cuts(npix, is_root, has_seed, net_sum, config):
@@ -311,216 +366,273 @@ def _size_cuts(npix, is_root, has_seed, net_sum, config):
     return sized & has_seed & (jnp.abs(net_sum) >= 1e-10)
 
 
-def _components_dense(d, cand, b, offset, config):
-    """Per-component sums over the whole frame (tile layout). Returns n_components and, for the first
-    max_num_components surviving roots in raster order: root flat index (K,), sums (K, 7), max value (K,)."""
+def _interior(ay, ax, config):
     a_ss, a_fs = config.asic_shape
-    n = d.size
-    lab = _label_components(cand, config.max_label_iterations)
-    # Dense per-component sums keyed by root label (out-of-range label N drops non-candidates).
-    yy, xx = jnp.meshgrid(jnp.arange(a_ss, dtype=jnp.float32), jnp.arange(a_fs, dtype=jnp.float32), indexing="ij")
-    yy, xx = jnp.broadcast_to(yy, d.shape), jnp.broadcast_to(xx, d.shape)
-    interior = (yy >= 1) & (yy <= a_ss - 2) & (xx >= 1) & (xx <= a_fs - 2)
-    net = d - offset[b]  # first-pass weights: value minus the radial offset
-    cols = [jnp.ones_like(d), net, net * yy, net * xx, d, d * yy, d * xx]
-    sums = jax.ops.segment_sum(jnp.stack([c.reshape(-1) for c in cols], -1), lab.reshape(-1), num_segments=n)
-    dmax = jax.ops.segment_max(d.reshape(-1), lab.reshape(-1), num_segments=n)
-    has_seed = jax.ops.segment_max((cand & interior).reshape(-1), lab.reshape(-1), num_segments=n)
-    is_root = cand.reshape(-1) & (lab.reshape(-1) == jnp.arange(n))
-    valid0 = _size_cuts(sums[:, 0], is_root, has_seed, sums[:, 1], config)
-    n_components = jnp.sum(valid0, dtype=jnp.int32)
-    (root,) = jnp.nonzero(valid0, size=config.max_num_components, fill_value=0)
-    return n_components, root, sums[root], dmax[root]
+    return (ay >= 1) & (ay <= a_ss - 2) & (ax >= 1) & (ax <= a_fs - 2)
 
 
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-
-
-def _compact_indices(rows, size):
-    """Flat indices of the True entries of ``rows`` (n_rows, w) bool in raster order, padded with n = rows.size
-    to ``size``, without a whole-frame nonzero (slow on CPU): first the rows holding any True entry (at most
-    size // 8 of them), then a nonzero over those rows only. Returns (indices, count, overflow); overflow is
-    True when the count or the number of such rows exceeds what fits (the indices are then incomplete)."""
-    n_rows, w = rows.shape
-    n = rows.size
-    max_rows = min(n_rows, max(size // 8, 1))
-    row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
-    active = row_count > 0
-    (ar,) = jnp.nonzero(active, size=max_rows, fill_value=n_rows)
-    sub = rows.at[ar].get(mode="fill", fill_value=False)  # (max_rows, w)
-    (k,) = jnp.nonzero(sub.reshape(-1), size=size, fill_value=max_rows * w)
-    row = jnp.concatenate([ar, jnp.array([n_rows], ar.dtype)])[k // w]
-    idx = jnp.where(k < max_rows * w, row * w + k % w, n).astype(jnp.int32)
-    count = jnp.sum(row_count)
-    return idx, count, (count > size) | (jnp.sum(active, dtype=jnp.int32) > max_rows)
-
-
-def _components_compact(d, cand, b, offset, config):
-    """Same as _components_dense on the candidate pixels only, compacted to max_num_candidates entries
-    (raster order of the tile layout, so the smallest compact index of a component is its smallest flat
-    index and labels, roots and their order are those of the dense version). Also returns ``overflow``:
-    more candidates than fit, in which case the results are incomplete and the dense version must be used."""
+def _components_compact(d, cand, bins, offset, config, m):
+    """Components of the candidate pixels compacted to ``m`` entries (raster order, so a component's smallest
+    compact index is its smallest flat index: labels, roots and their order are those of _components_dense).
+    Returns (n_components, root flat index (K,), sums (K, 8), max value (K,)) for the first K =
+    max_num_components surviving roots in raster order, and ``overflow`` (more candidates than fit: the results
+    are incomplete and the dense version must be used)."""
+    shape = d.shape
+    n, f = d.size, shape[2]
     a_ss, a_fs = config.asic_shape
-    n, m = d.size, config.max_num_candidates
-    ci, n_cand, overflow = _compact_indices(cand.reshape(-1, a_fs), m)
-    ok = jnp.arange(m) < n_cand
+    ci, n_cand = _compact(cand.reshape(-1, min(_ROW, f) if f % _ROW == 0 else f), m)
+    ok = ci < n
     own = jnp.arange(m, dtype=jnp.int32)
     inv = jnp.full(n, m, jnp.int32).at[ci].set(own, mode="drop")  # flat index -> compact index (m: none)
-    tile, rem = ci // (a_ss * a_fs), ci % (a_ss * a_fs)
-    y, x = rem // a_fs, rem % a_fs
+    _, _, _, ay, ax = _coords(ci, shape, config)
     nbr_list = []
     for dy, dx in _NEIGHBOURS:
-        ny, nx = y + dy, x + dx
-        inb = ok & (ny >= 0) & (ny < a_ss) & (nx >= 0) & (nx < a_fs)
-        j = jnp.where(inb, tile * (a_ss * a_fs) + ny * a_fs + nx, 0)
+        inb = ok & (ay + dy >= 0) & (ay + dy < a_ss) & (ax + dx >= 0) & (ax + dx < a_fs)
+        j = jnp.where(inb, ci + dy * f + dx, 0)
         nbr_list.append(jnp.where(inb, inv[j], m))
     nbr = jnp.stack(nbr_list, -1)  # (m, 8), m = no candidate neighbour
-
-    lab0 = jnp.where(ok, own, m)
 
     def sweep(state):
         lab, _, it = state
         ext = jnp.concatenate([lab, jnp.array([m], jnp.int32)])
         new = jnp.where(ok, jnp.minimum(lab, jnp.min(ext[nbr], axis=1)), m)
+        # Pointer jumping: a label is the index of a pixel of the same component, so adopting that pixel's
+        # label keeps the minimum and shortens long chains from O(length) to O(log length) sweeps.
         ext = jnp.concatenate([new, jnp.array([m], jnp.int32)])
         new = jnp.where(ok, ext[new], m)
         return new, jnp.any(new != lab), it + 1
 
+    lab0 = jnp.where(ok, own, m)
     lab, _, _ = lax.while_loop(lambda s: s[1] & (s[2] < config.max_label_iterations), sweep, (lab0, jnp.array(True), 0))
 
     cj = jnp.where(ok, ci, 0)
     dv = d.reshape(-1)[cj]
-    yf, xf = y.astype(jnp.float32), x.astype(jnp.float32)
-    net = dv - offset[b.reshape(-1)[cj]]
-    cols = jnp.stack([jnp.ones_like(dv), net, net * yf, net * xf, dv, dv * yf, dv * xf], -1)
-    sums = jax.ops.segment_sum(cols, lab, num_segments=m)
+    net = dv - offset[bins.reshape(-1)[cj]]
+    sums = jax.ops.segment_sum(_component_columns(dv, net, cj, shape, config), lab, num_segments=m)
     dmax = jax.ops.segment_max(dv, lab, num_segments=m)
-    interior = ok & (y >= 1) & (y <= a_ss - 2) & (x >= 1) & (x <= a_fs - 2)
-    has_seed = jax.ops.segment_max(interior, lab, num_segments=m)
-    is_root = ok & (lab == own)
-    valid0 = _size_cuts(sums[:, 0], is_root, has_seed, sums[:, 1], config)
+    has_seed = jax.ops.segment_max(ok & _interior(ay, ax, config), lab, num_segments=m)
+    valid0 = _size_cuts(sums[:, 0], ok & (lab == own), has_seed, sums[:, 1], config)
     n_components = jnp.sum(valid0, dtype=jnp.int32)
     (rc,) = jnp.nonzero(valid0, size=config.max_num_components, fill_value=0)
-    return (n_components, cj[rc], sums[rc], dmax[rc]), overflow
+    return (n_components, cj[rc], sums[rc], dmax[rc]), n_cand > m
 
 
-def _measure(d, g, b, above, stats, comps, panel_shape, config) -> PeakList:
-    """Local background, re-integration, acceptance and sorting of the compacted components."""
-    n_components, root, s, dmax_r = comps
+def _components_dense(d, cand, bins, offset, config):
+    """Same as _components_compact over the whole frame (any number of candidates; slower)."""
+    shape = d.shape
+    p, s, f = shape
+    n = d.size
     a_ss, a_fs = config.asic_shape
-    n_as, n_af = panel_shape[0] // a_ss, panel_shape[1] // a_fs
-    k = config.max_num_components
-    ok = jnp.arange(k) < n_components
-    tile = root // (a_ss * a_fs)
+    # (P·ss/a_ss, a_ss, fs/a_fs, a_fs) is a free reshape of the frame with the ASICs as blocks.
+    blocks = (p * s // a_ss, a_ss, f // a_fs, a_fs)
+    c4 = cand.reshape(blocks)
+    lab0 = jnp.where(c4, jnp.arange(n, dtype=jnp.int32).reshape(blocks), n)
+
+    def sweep(state):
+        lab, _, it = state
+        # 3×3 min within each ASIC; padding with N keeps labels from leaking across ASIC borders.
+        window = (1, 3, 1, 3)
+        nb = lax.reduce_window(lab, n, lax.min, window, (1, 1, 1, 1), ((0, 0), (1, 1), (0, 0), (1, 1)))
+        new = jnp.where(c4, nb, n)
+        flat = jnp.concatenate([new.reshape(-1), jnp.array([n], jnp.int32)])
+        new = jnp.where(c4, flat[new], n)
+        return new, jnp.any(new != lab), it + 1
+
+    init = (lab0, jnp.array(True), 0)
+    lab, _, _ = lax.while_loop(lambda st: st[1] & (st[2] < config.max_label_iterations), sweep, init)
+    lab = lab.reshape(-1)
+    flat = jnp.arange(n, dtype=jnp.int32)
+    dv = d.reshape(-1)
+    net = dv - offset[bins.reshape(-1)]
+    sums = jax.ops.segment_sum(_component_columns(dv, net, flat, shape, config), lab, num_segments=n)
+    dmax = jax.ops.segment_max(dv, lab, num_segments=n)
+    _, _, _, ay, ax = _coords(flat, shape, config)
+    has_seed = jax.ops.segment_max(cand.reshape(-1) & _interior(ay, ax, config), lab, num_segments=n)
+    valid0 = _size_cuts(sums[:, 0], cand.reshape(-1) & (lab == flat), has_seed, sums[:, 1], config)
+    n_components = jnp.sum(valid0, dtype=jnp.int32)
+    (root,) = jnp.nonzero(valid0, size=config.max_num_components, fill_value=0)
+    return n_components, root, sums[root], dmax[root]
+
+
+# --- local background, acceptance, output ----------------------------------------------------------------------
+
+
+def _measure_chunk(d_flat, g_flat, b_flat, stats, root, s, dmax_r, shape, config):
+    """Local background and acceptance of C components: root flat index (C,), sums (C, 8), max value (C,).
+    Returns (accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix)."""
+    _, s_panel, f = shape
+    a_ss, a_fs = config.asic_shape
+    stacked, _, x, ay, ax = _coords(root, shape, config)
+    y0 = stacked - ay  # ASIC origin, stacked rows
+    x0 = x - ax
     abs_net = jnp.abs(s[:, 1])
+    abs_net = jnp.where(abs_net > 0, abs_net, 1.0)
+    # First centroid in stacked coordinates (as OM): decides the background disc, rint half to even.
     com_y0 = jnp.rint(s[:, 2] / abs_net).astype(jnp.int32)
     com_x0 = jnp.rint(s[:, 3] / abs_net).astype(jnp.int32)
+    cy, cx = com_y0 - y0, com_x0 - x0  # in the ASIC
 
-    # Local background in a disc of radius 2R around the rounded first centroid, inside the ASIC.
     r2 = 2 * config.local_bg_radius
     grid_y, grid_x = np.meshgrid(np.arange(-r2, r2), np.arange(-r2, r2), indexing="ij")
     disc = grid_y**2 + grid_x**2 <= r2**2
-    oy, ox = jnp.asarray(grid_y[disc]), jnp.asarray(grid_x[disc])
-    py, px = com_y0[:, None] + oy, com_x0[:, None] + ox  # (K, n_disc)
+    py, px = cy[:, None] + jnp.asarray(grid_y[disc]), cx[:, None] + jnp.asarray(grid_x[disc])  # (C, n_disc)
     inside = (py >= 0) & (py < a_ss) & (px >= 0) & (px < a_fs)
-    py_c, px_c = jnp.clip(py, 0, a_ss - 1), jnp.clip(px, 0, a_fs - 1)
-    vals = d[tile[:, None], py_c, px_c]
-    # Reference background pixels: good, below threshold (pixels already in a peak are above threshold).
-    w = inside & g[tile[:, None], py_c, px_c] & ~above[tile[:, None], py_c, px_c]
+    pflat = (y0[:, None] + jnp.clip(py, 0, a_ss - 1)) * f + x0[:, None] + jnp.clip(px, 0, a_fs - 1)
+    vals = d_flat[pflat]
+    # Background pixels: good and strictly below their bin's threshold (pixels of any peak are above it).
+    w = inside & g_flat[pflat] & (vals < stats.threshold[b_flat[pflat]])
     n_bg = jnp.sum(w, axis=1)
     safe_n = jnp.maximum(n_bg, 1)
     mean_bg = jnp.sum(jnp.where(w, vals, 0.0), axis=1) / safe_n
     var_bg = jnp.sum(jnp.where(w, vals * vals, 0.0), axis=1) / safe_n - mean_bg**2
     bg_max = jnp.maximum(jnp.max(jnp.where(w, vals, -jnp.inf), axis=1), 0.0)
-    # No background pixel: fall back to the radial offset at the centroid pixel and σ = 0.01 (reference).
-    cy, cx = jnp.clip(com_y0, 0, a_ss - 1), jnp.clip(com_x0, 0, a_fs - 1)
-    local_offset = jnp.where(n_bg > 0, mean_bg, stats.offset[b[tile, cy, cx]])
+    # No background pixel: the radial offset at the centroid pixel and σ = 0.01 (reference).
+    centre = jnp.clip(com_y0 * f + com_x0, 0, d_flat.size - 1)
+    local_offset = jnp.where(n_bg > 0, mean_bg, stats.offset[b_flat[centre]])
     local_sigma = jnp.where((n_bg > 0) & (var_bg >= 0), jnp.sqrt(jnp.maximum(var_bg, 0.0)), 0.01)
 
     # Re-integrate with the local background; centroid weighted by raw values (as the reference).
-    n_k = s[:, 0]
-    raw = s[:, 4]
+    n_k, raw = s[:, 0], s[:, 4]
     abs_raw = jnp.where(jnp.abs(raw) >= 1e-10, jnp.abs(raw), 1.0)
-    com_y, com_x = s[:, 5] / abs_raw, s[:, 6] / abs_raw
+    com_y, com_x, com_ss = s[:, 5] / abs_raw, s[:, 6] / abs_raw, s[:, 7] / abs_raw
     total = raw - n_k * local_offset
     peak_max = jnp.maximum(dmax_r - local_offset, 0.0)
     snr = jnp.where(jnp.abs(local_sigma) > 1e-10, total / local_sigma, 0.0)
+    y0f, x0f = y0.astype(jnp.float32), x0.astype(jnp.float32)
     accept = (
-        ok
-        & (jnp.abs(raw) >= 1e-10)
+        (jnp.abs(raw) >= 1e-10)
         & (snr >= config.minimum_snr)
         & (peak_max >= bg_max - local_offset)
-        & (com_y >= 0)
-        & (com_y <= a_ss - 1)
-        & (com_x >= 0)
-        & (com_x <= a_fs - 1)
+        & (com_y >= y0f)
+        & (com_y <= y0f + (a_ss - 1))
+        & (com_x >= x0f)
+        & (com_x <= x0f + (a_fs - 1))
     )
+    panel = (stacked // s_panel).astype(jnp.int32)
+    return accept, total, peak_max, local_sigma, snr, com_x, com_ss, panel, n_k.astype(jnp.int32)
+
+
+def _measure(d, g, b, stats, comps, config) -> PeakList:
+    """Local background, re-integration, acceptance and sorting of the compacted components, measured
+    _CHUNK components at a time, only as many chunks as there are components."""
+    n_components, root, s, dmax_r = comps
+    k = config.max_num_components
+    c = min(_CHUNK, k)
+    k_pad = -(-k // c) * c
+    if k_pad > k:
+        root = jnp.pad(root, (0, k_pad - k))
+        s = jnp.pad(s, ((0, k_pad - k), (0, 0)))
+        dmax_r = jnp.pad(dmax_r, (0, k_pad - k))
+    d_flat, g_flat, b_flat = d.reshape(-1), g.reshape(-1), b.reshape(-1)
+    f32, i32 = jnp.float32, jnp.int32
+    dtypes = (bool, f32, f32, f32, f32, f32, f32, i32, i32)
+    init = tuple(jnp.zeros(k_pad, t) for t in dtypes)
+
+    def body(i, outs):
+        start = i * c
+        part = _measure_chunk(
+            d_flat,
+            g_flat,
+            b_flat,
+            stats,
+            lax.dynamic_slice_in_dim(root, start, c),
+            lax.dynamic_slice_in_dim(s, start, c),
+            lax.dynamic_slice_in_dim(dmax_r, start, c),
+            d.shape,
+            config,
+        )
+        return tuple(lax.dynamic_update_slice_in_dim(o, p, start, 0) for o, p in zip(outs, part, strict=True))
+
+    n_chunks = (jnp.minimum(n_components, k) + c - 1) // c
+    accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix = lax.fori_loop(0, n_chunks, body, init)
+    accept = accept & (jnp.arange(k_pad) < n_components)
 
     # Sort accepted peaks by total intensity and keep max_num_peaks of them.
     m = config.max_num_peaks
     _, order = lax.top_k(jnp.where(accept, total, -jnp.inf), m)
     keep = accept[order]
-    t = tile[order]
-    panel = t // (n_as * n_af)
-    ss_out = com_y[order] + ((t // n_af) % n_as) * a_ss
-    fs_out = com_x[order] + (t % n_af) * a_fs
 
     def pad(x, fill=0):
-        return jnp.where(keep, x, fill)
+        return jnp.where(keep, x[order], fill)
 
     return PeakList(
         n_peaks=jnp.minimum(jnp.sum(accept, dtype=jnp.int32), m),
         n_components=n_components,
-        fs=pad(fs_out),
-        ss=pad(ss_out),
-        panel=pad(panel.astype(jnp.int32), -1),
-        total_intensity=pad(total[order]),
-        n_pixels=pad(n_k[order].astype(jnp.int32)),
-        max_intensity=pad(peak_max[order]),
-        local_sigma=pad(local_sigma[order]),
-        snr=pad(snr[order]),
+        fs=pad(fs),
+        ss=pad(ss),
+        panel=pad(panel, -1),
+        total_intensity=pad(total),
+        n_pixels=pad(npix),
+        max_intensity=pad(peak_max),
+        local_sigma=pad(local_sigma),
+        snr=pad(snr),
     )
 
 
+# --- whole frames ----------------------------------------------------------------------------------------------
+
+
 def _front(data, mask, radius, config, binning):
-    """Radial statistics and the tile-layout arrays: value, good, bin, above threshold, candidate."""
-    d = _to_tiles(data.astype(jnp.float32), config.asic_shape)
+    """Radial statistics and the frame arrays: value, good, bin, candidate (good and above threshold)."""
+    d = data.astype(jnp.float32)
     if binning is None:
-        stats = _radial_statistics_scatter(data.astype(jnp.float32), mask, radius, config)
-        g, b = (_to_tiles(x, config.asic_shape) for x in _good_and_bins(mask, radius, config))
+        stats = _radial_statistics_scatter(d, mask, radius, config)
+        g, b = _good_and_bins(mask, radius, config)
     else:
         stats = _radial_statistics_binned(d.reshape(-1), binning, config)
         g, b = binning.good, binning.bins
-    above = d > stats.threshold[b]
-    return d, g, b, above, stats
+    cand = g & (d > stats.threshold[b])
+    return d, g, b, cand, stats
 
 
-def _back(front, panel_shape, config, compact):
-    d, g, b, above, stats = front
-    cand = g & above
-    if compact:
-        comps, overflow = _components_compact(d, cand, b, stats.offset, config)
+def _paths(config):
+    """Static candidate-list sizes tried in turn (then the whole-frame path)."""
+    return tuple(sorted({min(_FAST_CANDIDATES, config.max_num_candidates), config.max_num_candidates}))
+
+
+def _back(front, config, m):
+    """Components and measurement; m = compacted candidates (0: whole-frame path). Returns (peaks, overflow)."""
+    d, g, b, cand, stats = front
+    if m:
+        comps, overflow = _components_compact(d, cand, b, stats.offset, config, m)
     else:
         comps, overflow = _components_dense(d, cand, b, stats.offset, config), jnp.array(False)
-    return _measure(d, g, b, above, stats, comps, panel_shape, config), overflow
+    return _measure(d, g, b, stats, comps, config), overflow
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compact"))
-def _find_peaks_one(data, mask, radius, config, binning, compact):
+@functools.partial(jax.jit, static_argnames=("config", "m"))
+def _find_peaks_one(data, mask, radius, config, binning, m):
     _check_shape(data.shape, config)
-    return _back(_front(data, mask, radius, config, binning), data.shape[1:], config, compact)
+    return _back(_front(data, mask, radius, config, binning), config, m)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compact"))
-def _find_peaks_many(frames, mask, radius, config, binning, compact):
+@functools.partial(jax.jit, static_argnames=("config", "m"))
+def _find_peaks_many(frames, mask, radius, config, binning, m):
     _check_shape(frames.shape[1:], config)
     # One frame after the other (lax.map) rather than vmap: on CPU the vmapped program is no faster per frame
     # and its B-times-larger buffers cost page faults on every call.
-    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), frames.shape[2:], config, compact), frames)
+    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), config, m), frames)
 
 
-def _is_tracer(x):
-    return isinstance(x, jax.core.Tracer)
+def _traced(*xs):
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def _ensure_binning(mask, radius, config, binning):
+    """The subsampled statistics (radial_pixels_per_bin > 0) live in a RadialBinning: build one if needed."""
+    if binning is not None or not config.radial_pixels_per_bin:
+        return binning
+    if _traced(mask, radius):
+        raise ValueError("radial_pixels_per_bin > 0 under jit needs a binning (make_binning, outside jit)")
+    return make_binning(np.asarray(radius), np.asarray(mask), config)
+
+
+def _traced_tiers(run, sizes):
+    """Under an outer jit: the candidate-list sizes and the whole-frame path chained with lax.cond."""
+    pk, overflow = run(sizes[0])
+    if len(sizes) == 1:
+        return lax.cond(jnp.any(overflow), lambda: run(0)[0], lambda: pk)
+    return lax.cond(jnp.any(overflow), lambda: _traced_tiers(run, sizes[1:]), lambda: pk)
 
 
 def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
@@ -533,17 +645,24 @@ def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBin
     radial statistics (mask and radius are then not used).
     Returns a PeakList of length ``config.max_num_peaks``.
 
-    Components are found on the compacted candidate pixels (jitted ``_find_peaks_one``); a frame with more
-    than ``config.max_num_candidates`` candidates is redone on the whole frame (same results, slower). That
-    decision is taken on the host (it waits for the frame's result), outside jit: a whole-frame branch
-    inside the same program would cost every call its (large) buffers. Called under an outer jit it becomes
-    a ``lax.cond``.
+    Components are found on the compacted candidate pixels (jitted ``_find_peaks_one``: first 4096, then
+    ``config.max_num_candidates``); a frame with more candidates is redone on the whole frame (same results,
+    slower). That decision is taken on the host (it waits for the frame's result), outside jit: a
+    whole-frame branch inside the same program would cost every call its (large) buffers. Called under an
+    outer jit it becomes a ``lax.cond``.
     """
-    pk, overflow = _find_peaks_one(data, mask, radius, config, binning, True)
-    if _is_tracer(overflow):
-        return lax.cond(overflow, lambda: _find_peaks_one(data, mask, radius, config, binning, False)[0], lambda: pk)
-    if bool(overflow):
-        return _find_peaks_one(data, mask, radius, config, binning, False)[0]
+    sizes = _paths(config)
+    binning = _ensure_binning(mask, radius, config, binning)
+
+    def run(m):
+        return _find_peaks_one(data, mask, radius, config, binning, m)
+
+    if _traced(data, mask, radius, binning):
+        return _traced_tiers(run, sizes)
+    for m in (*sizes, 0):
+        pk, overflow = run(m)
+        if not bool(overflow):
+            return pk
     return pk
 
 
@@ -554,15 +673,25 @@ find_peaks._cache_size = _find_peaks_one._cache_size  # type: ignore[attr-define
 def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
     """peakfinder8 on a batch: frames (B, P, ss, fs) float32; mask and radius (P, ss, fs), shared by all frames.
 
-    binning: optional ``make_binning(radius, mask, config)`` (see find_peaks; a batch with any frame over
-    ``max_num_candidates`` is redone on whole frames).
+    binning: optional ``make_binning(radius, mask, config)`` (see find_peaks). The batch runs with 4096
+    compacted candidates per frame; only the frames with more are redone one by one (find_peaks).
     Returns a PeakList whose fields have a leading batch axis B.
     """
-    pk, overflow = _find_peaks_many(frames, mask, radius, config, binning, True)
-    if _is_tracer(overflow):
-        return lax.cond(
-            jnp.any(overflow), lambda: _find_peaks_many(frames, mask, radius, config, binning, False)[0], lambda: pk
-        )
-    if bool(jnp.any(overflow)):
-        return _find_peaks_many(frames, mask, radius, config, binning, False)[0]
+    sizes = _paths(config)
+    binning = _ensure_binning(mask, radius, config, binning)
+
+    def run(m):
+        return _find_peaks_many(frames, mask, radius, config, binning, m)
+
+    if _traced(frames, mask, radius, binning):
+        return _traced_tiers(run, sizes)
+    pk, overflow = run(sizes[0])
+    redo = np.flatnonzero(np.asarray(overflow))
+    if redo.size:
+        fields = [np.array(x) for x in pk]
+        for i in redo:
+            one = find_peaks(frames[i], mask, radius, config, binning)
+            for arr, x in zip(fields, one, strict=True):
+                arr[i] = np.asarray(x)
+        pk = PeakList(*(jnp.asarray(x) for x in fields))
     return pk
