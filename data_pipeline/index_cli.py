@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
+from jaxpolaron.cli import _positive_float, _positive_int
 from jaxpolaron.errors import InputError
 
 log = logging.getLogger("jaxpolaron")
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
 
 
 def _common(p) -> None:
@@ -32,13 +19,13 @@ def _common(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--geometry", help="CrystFEL .geom (default: the run folder's agipd.geom, else the default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--energy-kev", type=_positive(float), default=13.6, help="photon energy, keV (13.6)")
-    p.add_argument("--clen-mm", type=_positive(float), default=122.4, help="detector distance, mm (122.4)")
-    p.add_argument("--chunk", type=_positive(int), default=32, help="frames per batch and checkpoint (32)")
-    p.add_argument("--min-snr", type=_positive(float), default=5.0, help="peakfinder8 minimum SNR (5)")
+    p.add_argument("--energy-kev", type=_positive_float, default=13.6, help="photon energy, keV (13.6)")
+    p.add_argument("--clen-mm", type=_positive_float, default=122.4, help="detector distance, mm (122.4)")
+    p.add_argument("--chunk", type=_positive_int, default=32, help="frames per batch and checkpoint (32)")
+    p.add_argument("--min-snr", type=_positive_float, default=5.0, help="peakfinder8 minimum SNR (5)")
     p.add_argument("--adc-threshold", type=float, default=2.0, help="peakfinder8 ADC threshold, detector units (2)")
-    p.add_argument("--min-pixels", type=_positive(int), default=2, help="peakfinder8 minimum pixels per peak (2)")
-    p.add_argument("--max-frames", type=_positive(int), help="stop after this many frames (resumable)")
+    p.add_argument("--min-pixels", type=_positive_int, default=2, help="peakfinder8 minimum pixels per peak (2)")
+    p.add_argument("--max-frames", type=_positive_int, help="stop after this many frames (resumable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
 
 
@@ -48,10 +35,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_find_peaks)
     p = sub.add_parser("index", help="find peaks, index (SPIND), refine (Eq. 1): CrystFEL stream, crystal table")
     _common(p)
-    p.add_argument("--min-peaks", type=_positive(int), default=4, help="reflections to accept a crystal (4)")
-    p.add_argument("--min-peaks-second-round", type=_positive(int), default=3, help="second round (3)")
-    p.add_argument("--max-crystals", type=_positive(int), default=4, help="crystals searched per frame (4)")
-    p.add_argument("--match-tol", type=_positive(float), default=0.02, help="indexing tolerance, 1/Å (0.02)")
+    p.add_argument("--min-peaks", type=_positive_int, default=4, help="reflections to accept a crystal (4)")
+    p.add_argument("--min-peaks-second-round", type=_positive_int, default=3, help="second round (3)")
+    p.add_argument("--max-crystals", type=_positive_int, default=4, help="crystals searched per frame (4)")
+    p.add_argument("--match-tol", type=_positive_float, default=0.02, help="indexing tolerance, 1/Å (0.02)")
     p.add_argument("--refine-steps", type=int, default=150, help="Eq. 1 optimiser steps (150; 0 = none)")
     p.set_defaults(func=run_index)
 

@@ -61,7 +61,7 @@ def _int_at_least(lo: int):
 
 
 def add_parser(sub) -> None:
-    from jaxpolaron.cli import _float_list, _positive_float
+    from jaxpolaron.cli import _float_list, _positive_float, add_deformation_arguments
 
     p = sub.add_parser(
         "synth-run",
@@ -90,16 +90,7 @@ def add_parser(sub) -> None:
     m = p.add_argument_group("pumped crystals: deformation model (as `jaxpolaron simulate`)")
     m.add_argument("--model", default="none", help="none, central-hole, random-hole, tilt or phonon (none)")
     m.add_argument("--variants", type=_int_at_least(1), default=4, help="hole realisations per size (random; 4)")
-    m.add_argument("--k-cs", type=_positive_float, default=1.0, help="Cs spring constant (relative; 1)")
-    m.add_argument("--k-pb", type=_positive_float, default=1.0, help="Pb spring constant (relative; 1)")
-    m.add_argument("--k-br", type=_positive_float, default=1.0, help="Br spring constant (relative; 1)")
-    m.add_argument("--hole-bias", type=_positive_float, default=0.1, help="hole bias exponent (1 uniform; 0.1)")
-    m.add_argument("--electron-strength", type=float, default=1.0, help="electron sphere charge factor (1)")
-    m.add_argument("--softening-a", type=_positive_float, default=1.0, help="hole field softening, Å (1.0)")
-    m.add_argument("--amplitude", type=float, help="model amplitude, Å (model default)")
-    m.add_argument("--t0", type=float, default=0.8, help="tilt parameter at the centre (0.8)")
-    m.add_argument("--width-fraction", type=_positive_float, help="tilt/phonon profile width / (size/2)")
-    m.add_argument("--tilt-profile", default="quadratic", help="tilt profile: quadratic (paper) or gaussian")
+    add_deformation_arguments(m)
     m.add_argument("--exponent", type=float, default=5.0, help="superellipsoid exponent of the crystals (5.0)")
     m.add_argument("--centre", default="Pb", help="species at the crystal centre (Pb)")
     r = p.add_argument_group("run layout and output")

@@ -37,6 +37,31 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_deformation_arguments(group) -> None:
+    """The deformation-model parameter flags shared by `simulate` and `synth-run`."""
+    m = group
+    m.add_argument("--k-cs", type=_positive_float, default=1.0, help="Cs spring constant (relative; 1)")
+    m.add_argument("--k-pb", type=_positive_float, default=1.0, help="Pb spring constant (relative; 1)")
+    m.add_argument("--k-br", type=_positive_float, default=1.0, help="Br spring constant (relative; 1)")
+    m.add_argument("--hole-bias", type=_positive_float, default=0.1, help="hole bias exponent (1 uniform; 0.1)")
+    m.add_argument("--electron-strength", type=float, default=1.0, help="electron sphere charge factor (1)")
+    m.add_argument("--softening-a", type=_positive_float, default=1.0, help="hole field softening, Å (1.0)")
+    m.add_argument("--amplitude", type=float, help="model amplitude, Å (model default)")
+    m.add_argument("--t0", type=float, default=0.8, help="tilt parameter at the centre (0.8; >1 = more tilt)")
+    m.add_argument("--width-fraction", type=_positive_float, help="tilt/phonon profile width / (size/2)")
+    m.add_argument("--tilt-profile", default="quadratic", help="tilt profile: quadratic (paper) or gaussian")
+
+
 def _hkl_list(text: str) -> tuple[tuple[int, int, int], ...]:
     from jaxpolaron.reciprocal import parse_hkl
 
@@ -86,16 +111,7 @@ def _add_simulate(sub) -> None:
     m = p.add_argument_group("model parameters")
     m.add_argument("--holes", type=int, default=64, help="hole samples per crystal size (random-hole; 64)")
     m.add_argument("--seed", type=int, default=0, help="PRNG seed for hole sampling (0)")
-    m.add_argument("--k-cs", type=_positive_float, default=1.0, help="Cs spring constant (relative; 1)")
-    m.add_argument("--k-pb", type=_positive_float, default=1.0, help="Pb spring constant (relative; 1)")
-    m.add_argument("--k-br", type=_positive_float, default=1.0, help="Br spring constant (relative; 1)")
-    m.add_argument("--hole-bias", type=_positive_float, default=0.1, help="hole bias exponent (1 uniform; 0.1)")
-    m.add_argument("--electron-strength", type=float, default=1.0, help="electron sphere charge factor (1)")
-    m.add_argument("--softening-a", type=_positive_float, default=1.0, help="hole field softening, Å (1.0)")
-    m.add_argument("--amplitude", type=float, help="model amplitude, Å (model default)")
-    m.add_argument("--t0", type=float, default=0.8, help="tilt parameter at the centre (0.8; >1 = more tilt)")
-    m.add_argument("--width-fraction", type=_positive_float, help="tilt/phonon profile width / (size/2)")
-    m.add_argument("--tilt-profile", default="quadratic", help="tilt profile: quadratic (paper) or gaussian")
+    add_deformation_arguments(m)
     m.add_argument("--ground-xyz", help="external model: ground-state geometry (.xyz, Å, crystal frame)")
     m.add_argument("--excited-xyz", help="external model: excited-state geometry (.xyz, same atom order)")
     m.add_argument("--gamma0-t", type=float, default=1.0, help="occupancy γ0·t (SI S2; 1.0)")
