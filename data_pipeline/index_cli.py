@@ -26,6 +26,8 @@ def _common(p) -> None:
     p.add_argument("--adc-threshold", type=float, default=2.0, help="peakfinder8 ADC threshold, detector units (2)")
     p.add_argument("--min-pixels", type=_positive_int, default=2, help="peakfinder8 minimum pixels per peak (2)")
     p.add_argument("--max-frames", type=_positive_int, help="stop after this many frames (resumable)")
+    p.add_argument("--cores", type=_positive_int,
+                   help="CPU cores the peak finder spreads each batch over (default: all this process may use)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
 
 
@@ -78,6 +80,9 @@ def _config(args, index: bool):
 
 def _run(args, index: bool) -> int:
     from data_pipeline.index_run import format_table, process_run, run_spec
+    from data_pipeline.peakfinder import use_cpu_cores
+
+    use_cpu_cores(args.cores)  # before any JAX computation; results do not depend on it
 
     run_path = Path(args.run)
     if run_spec(run_path)[1] is None and not run_path.is_dir():

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -120,6 +121,8 @@ class Peakfinder8Config:
             raise ValueError("local_bg_radius and min_pixel_count must be >= 1")
         if self.radial_pixels_per_bin < 0:
             raise ValueError("radial_pixels_per_bin must be >= 0 (0 = every pixel)")
+        if self.n_sigma_clip_iterations < 1:
+            raise ValueError("n_sigma_clip_iterations must be >= 1")
 
     @property
     def n_radial_bins(self) -> int:
@@ -255,7 +258,21 @@ def _clip_loop(one_pass, dtype, config):
         jnp.zeros(nb, dtype),
         jnp.zeros(nb, jnp.int32),
     )
-    upper, _, offset, sigma, count = lax.fori_loop(0, config.n_sigma_clip_iterations, one_pass, init)
+
+    # A pass whose thresholds equal the previous pass's keeps the same pixels, so every later pass would
+    # repeat it bit for bit: stop there (exactly the fixed-count result; photon-counting frames usually
+    # settle after 2-3 of the 5 passes).
+    def settling(carry):
+        i, prev, state = carry
+        changed = jnp.any(prev[0] != state[0]) | jnp.any(prev[1] != state[1])
+        return (i < config.n_sigma_clip_iterations) & changed
+
+    def step(carry):
+        i, _, state = carry
+        return i + 1, state, one_pass(i, state)
+
+    first = one_pass(0, init)
+    _, _, (upper, _, offset, sigma, count) = lax.while_loop(settling, step, (jnp.int32(1), init, first))
     return RadialStats(offset, sigma, upper, count)
 
 
@@ -670,6 +687,50 @@ find_peaks._cache_size = _find_peaks_one._cache_size  # type: ignore[attr-define
 # the compiled-program cache (one entry per shape/config)
 
 
+def _run_on_devices(frames, mask, radius, config, binning, m):
+    """`_find_peaks_many` with the batch split across the local devices (several CPU devices: see
+    `use_cpu_cores`), all dispatched before any result is awaited so that the parts run concurrently.
+
+    Every part is padded to the same length (one compiled program per device) with copies of its first frame.
+    Returns (PeakList, overflow) with the leading batch axis of `frames`.
+    """
+    devices = jax.local_devices()
+    n = len(frames)
+    if len(devices) == 1 or n < 2:
+        return _find_peaks_many(frames, mask, radius, config, binning, m)
+    devices = devices[: min(len(devices), n)]
+    per = -(-n // len(devices))
+    frames = np.asarray(frames)
+    shared = (np.asarray(mask), np.asarray(radius), binning)
+    parts = []
+    for k, dev in enumerate(devices):
+        part = frames[k * per : (k + 1) * per]
+        pad = np.broadcast_to(part[:1], (per - len(part), *part.shape[1:]))
+        part = np.concatenate([part, pad]) if len(pad) else part
+        f, mk, r, b = jax.device_put((part, *shared), dev)
+        parts.append(_find_peaks_many(f, mk, r, config, b, m))
+    out = [jax.tree.map(np.asarray, p) for p in parts]  # the one wait, after every part is dispatched
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
+    return PeakList(*joined[0]), joined[1]
+
+
+def use_cpu_cores(n: int | None = None) -> int:
+    """Run XLA on the host as `n` CPU devices (default: the cores this process may use) so that
+    `find_peaks_batch` spreads a batch over the cores: XLA:CPU runs one program on one core, and the
+    peak finder is a chain of small memory-bound kernels that gain nothing from intra-op threads.
+
+    Must be called before JAX initialises its backend (before the first computation); afterwards it is a
+    no-op. Returns the number of devices in use.
+    """
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        jax.config.update("jax_num_cpu_devices", max(1, int(n)))
+    except RuntimeError:  # the backend is already up: keep what it has
+        pass
+    return jax.local_device_count()
+
+
 def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
     """peakfinder8 on a batch: frames (B, P, ss, fs) float32; mask and radius (P, ss, fs), shared by all frames.
 
@@ -685,7 +746,7 @@ def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: R
 
     if _traced(frames, mask, radius, binning):
         return _traced_tiers(run, sizes)
-    pk, overflow = run(sizes[0])
+    pk, overflow = _run_on_devices(frames, mask, radius, config, binning, sizes[0])
     redo = np.flatnonzero(np.asarray(overflow))
     if redo.size:
         fields = [np.array(x) for x in pk]

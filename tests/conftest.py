@@ -7,6 +7,10 @@ import tempfile
 import jax
 import pytest
 
+# Two CPU devices (as on the 2-core CI machine): find_peaks_batch then splits its batches across devices, so
+# every batched peak-finder test also checks that the split gives the single-device result.
+jax.config.update("jax_num_cpu_devices", 2)
+
 # CLI runs in tests keep their XLA compile cache out of the user's ~/.cache
 os.environ.setdefault("JAXPOLARON_CACHE", tempfile.mkdtemp(prefix="jaxpolaron-xla-"))
 
