@@ -26,8 +26,11 @@ def _common(p) -> None:
     p.add_argument("--adc-threshold", type=float, default=2.0, help="peakfinder8 ADC threshold, detector units (2)")
     p.add_argument("--min-pixels", type=_positive_int, default=2, help="peakfinder8 minimum pixels per peak (2)")
     p.add_argument("--max-frames", type=_positive_int, help="stop after this many frames (resumable)")
-    p.add_argument("--cores", type=_positive_int,
-                   help="CPU cores the peak finder spreads each batch over (default: all this process may use)")
+    p.add_argument(
+        "--cores",
+        type=_positive_int,
+        help="CPU cores the peak finder spreads each batch over (default: all this process may use)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
 
 

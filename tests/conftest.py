@@ -14,7 +14,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 # CLI runs in tests keep their XLA compile cache out of the user's ~/.cache
 os.environ.setdefault("JAXPOLARON_CACHE", tempfile.mkdtemp(prefix="jaxpolaron-xla-"))
 
-from jaxpolaron.structure import read_cif
+from jaxpolaron.structure import read_cif  # noqa: E402  (after the JAX settings above)
 
 
 @pytest.fixture(scope="session")
