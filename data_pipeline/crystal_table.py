@@ -5,7 +5,7 @@ attribute `n_rows`):
   frame (int64, row of the CXI peak file / stream event), trainId, pulseId (uint64), pumped (int8, -1 unknown),
   rotation (3, 3) float64 refined orientation (q_lab = R q_crystal, crystal frame of jaxpolaron.structure),
   rotation_indexed (3, 3) before refinement, n_peaks, n_reflections, round (int32), score_before,
-  score_after (Eq. 1, float64), residual_rms (Å⁻¹).
+  score_after (Eq. 1, float64), residual_rms (Å⁻¹), orientation_sigma_deg (indexing.orientation_sigma_deg).
 Root attributes: provenance and the run configuration (JSON). Appends are flushed; `resume` truncates to the
 committed count, so a crash loses at most the rows of the block being written.
 """
@@ -35,6 +35,7 @@ COLUMNS: dict[str, tuple[tuple[int, ...], str]] = {
     "score_before": ((), "f8"),
     "score_after": ((), "f8"),
     "residual_rms": ((), "f8"),
+    "orientation_sigma_deg": ((), "f8"),
 }
 
 

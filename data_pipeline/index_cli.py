@@ -44,6 +44,12 @@ def add_parser(sub) -> None:
     p.add_argument("--min-peaks-second-round", type=_positive_int, default=3, help="second round (3)")
     p.add_argument("--max-crystals", type=_positive_int, default=4, help="crystals searched per frame (4)")
     p.add_argument("--match-tol", type=_positive_float, default=0.02, help="indexing tolerance, 1/Å (0.02)")
+    p.add_argument(
+        "--max-orientation-sigma",
+        type=_positive_float,
+        default=0.6,
+        help="reject crystals whose orientation is less sure than this, degrees (0.6; inf = keep all)",
+    )
     p.add_argument("--refine-steps", type=int, default=150, help="Eq. 1 optimiser steps (150; 0 = none)")
     p.set_defaults(func=run_index)
 
@@ -71,6 +77,7 @@ def _config(args, index: bool):
                 min_peaks_second_round=args.min_peaks_second_round,
                 max_crystals=args.max_crystals,
                 match_tol=args.match_tol,
+                max_orientation_sigma_deg=args.max_orientation_sigma,
             ),
             refinement=RefinementConfig(
                 ewald=True, excitation_width_voxels=15.0, steps=args.refine_steps, energy_kev=args.energy_kev

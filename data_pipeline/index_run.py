@@ -84,6 +84,7 @@ STAT_ROWS = (
     ("indexed_frames", "Indexed frames"),
     ("multi_crystal_frames", "Frames with >= 2 crystals"),
     ("crystals", "Indexed crystals"),
+    ("rejected_crystals", "Rejected (orientation unsure)"),
     ("indexing_rate", "Indexing rate (crystals / hits)"),
     ("indexed_peaks", "Indexed peaks"),
 )
@@ -125,30 +126,35 @@ def index_chunk(peaks, positions_m, lattice, config: IndexRunConfig):
     """Index every hit of a chunk and refine all its crystals in fixed-size batches.
 
     peaks: numpy PeakList with a leading frame axis (n_frames). positions_m: (16, 512, 128, 3) pixel centres.
-    Returns per frame a list of dicts (crystal: rotation, rotation_indexed, peaks, hkl, scores, residual).
+    Returns (per frame a list of dicts (crystal: rotation, rotation_indexed, peaks, hkl, scores, residual,
+    orientation_sigma_deg), per frame the number of crystals rejected for an unsure orientation).
     """
     from data_pipeline.geometry import peak_positions, pixel_q
     from data_pipeline.indexing import index_frame, n_reflections
     from data_pipeline.refinement import pad_crystals, refine_orientations
 
     per_frame: list[list[dict]] = []
+    rejected_per_frame: list[int] = []
     items = []
     for i in range(len(peaks.n_peaks)):
         n = int(peaks.n_peaks[i])
         found: list[dict] = []
+        rejected: list = []
         if n >= config.hit_min_peaks:
             pos = peak_positions(positions_m, peaks.panel[i, :n], peaks.ss[i, :n], peaks.fs[i, :n])
             q = pixel_q(pos, config.energy_kev)
             inten = np.asarray(peaks.total_intensity[i, :n], float)
-            for c in index_frame(q, inten, lattice, config.indexing):
+            for c in index_frame(q, inten, lattice, config.indexing, rejected=rejected):
                 found.append(dict(
                     rotation_indexed=c.rotation, peaks=c.peaks, hkl=c.hkl, round=c.round,
+                    orientation_sigma_deg=c.sigma_deg,
                     n_reflections=int(n_reflections(c.hkl, np.ones(len(c.peaks), bool))),
                     residual_rms=float(np.sqrt(np.mean(c.residual**2))),
                 ))  # fmt: skip
                 k = config.refine_max_peaks
                 items.append((c.rotation, q[c.peaks][:k], (c.hkl @ lattice.basis)[:k], inten[c.peaks][:k]))
         per_frame.append(found)
+        rejected_per_frame.append(len(rejected))
     refined, before, after = [], [], []
     for a in range(0, len(items), config.refine_batch):
         batch = items[a : a + config.refine_batch]
@@ -162,7 +168,7 @@ def index_chunk(peaks, positions_m, lattice, config: IndexRunConfig):
         for c in found:
             c["rotation"], c["score_before"], c["score_after"] = refined[j], before[j], after[j]
             j += 1
-    return per_frame
+    return per_frame, rejected_per_frame
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -284,7 +290,10 @@ def process_run(
             pk = jax.tree.map(np.asarray, find_peaks_batch(frames, static_good, radius, pcfg, binning))
             row0 = cxi.n_frames
             cxi.append(pk, np.full(len(ch.pulse_ids), ch.train_id, np.uint64), ch.pulse_ids, ch.pumped)
-            per_frame = index_chunk(pk, positions, lattice, config) if config.index else [[]] * len(ch.pulse_ids)
+            if config.index:
+                per_frame, rejected = index_chunk(pk, positions, lattice, config)
+            else:
+                per_frame, rejected = [[]] * len(ch.pulse_ids), [0] * len(ch.pulse_ids)
             rows = []
             for i, found in enumerate(per_frame):
                 cls = counts[pump_class(int(ch.pumped[i]))]
@@ -295,6 +304,7 @@ def process_run(
                 cls["indexed_frames"] += bool(found)
                 cls["multi_crystal_frames"] += len(found) >= 2
                 cls["crystals"] += len(found)
+                cls["rejected_crystals"] += rejected[i]
                 cls["indexed_peaks"] += sum(len(c["peaks"]) for c in found)
                 if config.index and n >= config.hit_min_peaks:
                     stream.write_chunk(_chunk_record(row0 + i, ch, i, pk, found, lattice, config))
@@ -302,7 +312,7 @@ def process_run(
                     rows.append(dict(frame=row0 + i, trainId=ch.train_id, pulseId=ch.pulse_ids[i],
                                      pumped=ch.pumped[i], n_peaks=len(c["peaks"]), **{k: c[k] for k in (
                                          "rotation", "rotation_indexed", "n_reflections", "round", "score_before",
-                                         "score_after", "residual_rms")}))  # fmt: skip
+                                         "score_after", "residual_rms", "orientation_sigma_deg")}))  # fmt: skip
             if table is not None and rows:
                 table.append({k: np.array([r[k] for r in rows]) for k in rows[0]})
             # commit: every output is flushed; record where we are

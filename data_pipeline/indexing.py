@@ -14,9 +14,16 @@ Per frame (host-side numpy, vectorised over candidate orientations; a frame has 
 3. Score: a peak is indexed by R when Rᵀp lies within match_tol (Å⁻¹) of a reciprocal-lattice point.
    The candidate with most indexed peaks (then the smallest mean residual) is refined by least squares
    (weighted Kabsch on the indexed peaks) and re-scored.
-4. Accepted when it indexes at least `min_peaks`; its peaks are removed and the frame is searched again
-   for another crystal. Frames with no crystal in that round get a second round at `min_peaks_second_round`
-   (the paper: 4, then 3).
+4. Accepted when it indexes at least `min_peaks` and its orientation is determined to better than
+   `max_orientation_sigma_deg` (`orientation_sigma_deg`); its peaks are removed and the frame is searched
+   again for another crystal. Frames with no crystal in that round get a second round at
+   `min_peaks_second_round` (the paper: 4, then 3).
+
+Why the orientation test: a still shows where the Ewald sphere cuts each Bragg peak, so a spot fixes its
+reflection's direction only *along* the sphere; along the sphere normal the reflection may lie anywhere
+within its rocking width (~1/L, a large fraction of |G| for 5 nm crystals). A few low-angle reflections
+(normals ≈ the beam) therefore leave the rotations about axes in the detector plane nearly free: such a
+crystal indexes its peaks, yet its orientation can be degrees off, and merged it would blur the volume.
 
 Conventions: q in Å⁻¹ as 1/d, lab frame of `data_pipeline.geometry` (beam +z); q_lab = R q_crystal with the
 crystal frame of `jaxpolaron.structure` (pseudo-cubic axes ≈ x, y, z); hkl are pseudo-cubic indices.
@@ -49,6 +56,9 @@ class IndexingConfig:
         more often than four, so they must fit tighter.
     ambiguity_deg: two equally good solutions further apart than this (modulo the cube rotations) make a
         crystal ambiguous; it is not accepted.
+    max_orientation_sigma_deg: a crystal whose orientation uncertainty (`orientation_sigma_deg`, worst axis)
+        exceeds this is not accepted (inf: no test).
+    centroid_sigma: Å⁻¹, assumed error of a spot centroid along the Ewald sphere (for that uncertainty).
     """
 
     q_tol: float = 0.005
@@ -62,12 +72,16 @@ class IndexingConfig:
     q_min: float = 0.05
     ambiguity_deg: float = 5.0
     match_tol_second_round: float = 0.01
+    max_orientation_sigma_deg: float = 0.6
+    centroid_sigma: float = 0.003
 
     def __post_init__(self):
         if min(self.q_tol, self.angle_tol_deg, self.match_tol) <= 0:
             raise ValueError("q_tol, angle_tol_deg and match_tol must be positive")
         if self.n_seed_peaks < 2 or self.min_peaks_second_round < 2 or self.min_peaks < self.min_peaks_second_round:
             raise ValueError("need n_seed_peaks >= 2 and min_peaks >= min_peaks_second_round >= 2")
+        if not (self.max_orientation_sigma_deg > 0 and self.centroid_sigma > 0):
+            raise ValueError("max_orientation_sigma_deg and centroid_sigma must be positive")
         if self.max_crystals < 1:
             raise ValueError(f"max_crystals must be >= 1, got {self.max_crystals}")
 
@@ -180,6 +194,7 @@ class IndexedCrystal(NamedTuple):
     hkl: (n, 3) int, their reflections (pseudo-cubic).
     residual: (n,) Å⁻¹, |Rᵀq − G| of each.
     round: 1 or 2 (the acceptance round).
+    sigma_deg: orientation uncertainty, degrees (`orientation_sigma_deg`).
     """
 
     rotation: np.ndarray
@@ -187,6 +202,7 @@ class IndexedCrystal(NamedTuple):
     hkl: np.ndarray
     residual: np.ndarray
     round: int
+    sigma_deg: float
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -244,6 +260,37 @@ def n_reflections(hkl: np.ndarray, indexed: np.ndarray) -> np.ndarray:
     key = np.sort(np.where(indexed, key, np.iinfo(np.int64).min), axis=-1)
     new = np.concatenate([key[..., :1] != np.iinfo(np.int64).min, key[..., 1:] != key[..., :-1]], axis=-1)
     return new.sum(axis=-1)
+
+
+def _cross_matrices(v: np.ndarray) -> np.ndarray:
+    """(..., 3, 3) matrices [v]ₓ with [v]ₓ w = v × w."""
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    o = np.zeros_like(x)
+    return np.stack([np.stack([o, -z, y], -1), np.stack([z, o, -x], -1), np.stack([-y, x, o], -1)], -2)
+
+
+def orientation_sigma_deg(rotation: np.ndarray, hkl: np.ndarray, q: np.ndarray, basis: np.ndarray,
+                          centroid_sigma: float) -> float:  # fmt: skip
+    """Standard deviation (degrees) of the worst-determined rotation angle of an indexed crystal.
+
+    Linearised least squares over the orientation ω (R → R exp([ω]ₓ)): a spot at q (lab, Å⁻¹, on the
+    Ewald sphere) measures RG only along the sphere, i.e. through P = 1 − n nᵀ with n the sphere normal at q
+    (the direction of k_out). With d(RG)/dω = −R [G]ₓ the information matrix is
+    F = Σ_reflections (P R [G]ₓ)ᵀ (P R [G]ₓ) / σ²; the result is 1/√(smallest eigenvalue of F).
+    Spots of one reflection (split by the Ewald cut) share its weight, so a reflection counts once.
+
+    rotation: (3, 3); hkl: (n, 3) int; q: (n, 3) Å⁻¹ lab (beam +z); basis: (3, 3) reciprocal basis (rows);
+    centroid_sigma: Å⁻¹, σ of a centroid along the sphere. The sphere's wavenumber k follows from each spot:
+    |q + k ẑ| = k gives k = −|q|²/(2 q_z).
+    """
+    q = np.asarray(q, float)
+    k = -np.sum(q * q, axis=-1) / (2.0 * np.minimum(q[:, 2], -1e-12))
+    normal = _unit(q + k[:, None] * np.array([0.0, 0.0, 1.0]))
+    jac = (np.eye(3) - normal[:, :, None] * normal[:, None, :]) @ rotation @ _cross_matrices(hkl @ basis)
+    _, inverse, counts = np.unique(hkl, axis=0, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inverse.reshape(-1)]
+    info = np.einsum("n,nki,nkj->ij", weight, jac, jac) / centroid_sigma**2
+    return float(np.degrees(1.0 / np.sqrt(max(np.linalg.eigvalsh(info)[0], 1e-300))))
 
 
 def _candidates(q: np.ndarray, seeds: np.ndarray, lattice: ReferenceLattice, config: IndexingConfig) -> np.ndarray:
@@ -305,17 +352,23 @@ def _best(q, weights, candidates, lattice, config, need):
 
 
 def index_frame(
-    q: np.ndarray, intensity: np.ndarray, lattice: ReferenceLattice, config: IndexingConfig
+    q: np.ndarray,
+    intensity: np.ndarray,
+    lattice: ReferenceLattice,
+    config: IndexingConfig,
+    rejected: list[IndexedCrystal] | None = None,
 ) -> list[IndexedCrystal]:
     """Index the peaks of one frame into up to `max_crystals` crystals.
 
     Args:
-        q: (n, 3) peak positions in the lab frame, Å⁻¹ (`peak_q`).
+        q: (n, 3) peak positions in the lab frame, Å⁻¹ (`peak_q`), on the Ewald sphere (beam +z).
         intensity: (n,) integrated peak intensities (seed ranking and least-squares weights).
         lattice: reference reflections (`pseudo_cubic_lattice`); must reach beyond the largest |q|.
         config: tolerances.
+        rejected: if given, crystals that indexed enough peaks but failed the orientation-uncertainty test
+            are appended to it (their peaks are not offered to further crystals, nor to the second round).
 
-    Returns the crystals in the order found; each peak belongs to at most one crystal.
+    Returns the accepted crystals in the order found; each peak belongs to at most one crystal.
     """
     q = np.asarray(q, float).reshape(-1, 3)
     intensity = np.asarray(intensity, float).reshape(-1)
@@ -323,10 +376,11 @@ def index_frame(
     crystals: list[IndexedCrystal] = []
     second = dataclasses.replace(config, match_tol=config.match_tol_second_round)
     rounds = ((1, config.min_peaks, config), (2, config.min_peaks_second_round, second))
+    unsure = np.zeros(len(q), bool)  # peaks of rejected crystals: explained by a lattice, not offered again
     for round_, need, cfg in rounds:
         if round_ == 2 and crystals:
             break  # the second round is only for frames with no crystal
-        free = np.ones(len(q), bool)
+        free = ~unsure
         while len(crystals) < config.max_crystals and free.sum() >= need:
             idx = np.flatnonzero(free)
             seeds = idx[np.argsort(-intensity[idx], kind="stable")[: config.n_seed_peaks]]
@@ -336,7 +390,14 @@ def index_frame(
                 break
             rot, ok, hkl, dist = best
             peaks = idx[ok]
-            crystals.append(IndexedCrystal(rot, peaks, hkl[ok], dist[ok], round_))
+            sigma = orientation_sigma_deg(rot, hkl[ok], q[peaks], lattice.basis, config.centroid_sigma)
+            crystal = IndexedCrystal(rot, peaks, hkl[ok], dist[ok], round_, sigma)
+            if sigma <= config.max_orientation_sigma_deg:
+                crystals.append(crystal)
+            else:
+                unsure[peaks] = True
+                if rejected is not None:
+                    rejected.append(crystal)
             free[peaks] = False
     return crystals
 

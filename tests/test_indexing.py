@@ -164,3 +164,55 @@ def test_refinement_recovers_orientation_from_ewald_spots(lattice):
     # padding and batch composition do not change a crystal's result
     alone = rf.refine_orientations(*rf.pad_crystals(items[:1], n_max=64, batch=8), rf.RefinementConfig(ewald=True))
     np.testing.assert_allclose(np.asarray(alone[0][0]), np.asarray(refined[0]), atol=1e-6)
+
+
+def _tangential_information(rotation, hkl, q, basis, sigma, step=1e-6):
+    """Information matrix of the orientation from central differences of the spots' along-sphere residuals."""
+    normal = q + np.array([0.0, 0.0, K0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    proj = np.eye(3) - normal[:, :, None] * normal[:, None, :]
+    g = hkl @ basis
+    cols = []
+    for a in range(3):
+        dw = np.zeros(3)
+        dw[a] = step
+        plus = np.einsum("nij,nj->ni", proj, g @ (rotation @ Rotation.from_rotvec(dw).as_matrix()).T)
+        minus = np.einsum("nij,nj->ni", proj, g @ (rotation @ Rotation.from_rotvec(-dw).as_matrix()).T)
+        cols.append((plus - minus) / (2 * step))
+    jac = np.stack(cols, axis=-1)  # (n, 3, 3)
+    return np.einsum("nki,nkj->ij", jac, jac) / sigma**2
+
+
+def test_orientation_sigma_matches_finite_differences(lattice):
+    r = random_rotation(21)
+    q, hkl = ewald_spots(r, lattice, max_excitation=0.01)
+    sigma = ix.orientation_sigma_deg(r, hkl, q, lattice.basis, 0.003)
+    info = _tangential_information(r, hkl, q, lattice.basis, 0.003)
+    expected = np.degrees(1.0 / np.sqrt(np.linalg.eigvalsh(info)[0]))
+    assert sigma == pytest.approx(expected, rel=1e-4)
+
+
+def test_orientation_sigma_split_spots_scaling_and_low_angle_limit(lattice):
+    r = random_rotation(22)
+    q, hkl = ewald_spots(r, lattice, max_excitation=0.01)
+    base = ix.orientation_sigma_deg(r, hkl, q, lattice.basis, 0.003)
+    # a reflection split by the Ewald cut into three spots carries the information of one
+    split = ix.orientation_sigma_deg(r, np.concatenate([hkl, hkl[:1], hkl[:1]]),
+                                     np.concatenate([q, q[:1], q[:1]]), lattice.basis, 0.003)  # fmt: skip
+    assert split == pytest.approx(base, rel=1e-9)
+    assert ix.orientation_sigma_deg(r, hkl, q, lattice.basis, 0.006) == pytest.approx(2 * base, rel=1e-9)
+    # low-angle spots (sphere normal ≈ beam) hardly fix rotations about axes in the detector plane
+    low = np.linalg.norm(q, axis=1) <= np.median(np.linalg.norm(q, axis=1))
+    assert low.sum() >= 3 and (~low).sum() >= 3
+    assert ix.orientation_sigma_deg(r, hkl[low], q[low], lattice.basis, 0.003) > 2 * base
+
+
+def test_unsure_orientation_is_rejected(lattice):
+    rng = np.random.default_rng(4)
+    r = random_rotation(104)
+    q, _ = ewald_spots(r, lattice, rng=rng, noise=5e-4)
+    (accepted,) = ix.index_frame(q, np.ones(len(q)), lattice, ix.IndexingConfig())
+    rejected = []
+    strict = ix.IndexingConfig(max_orientation_sigma_deg=0.5 * accepted.sigma_deg)
+    assert ix.index_frame(q, np.ones(len(q)), lattice, strict, rejected=rejected) == []
+    assert len(rejected) == 1 and rejected[0].sigma_deg == pytest.approx(accepted.sigma_deg)
