@@ -5,6 +5,9 @@
     .venv/bin/python benchmarks/bench_peakfinder.py --repeats 9 --parts
     .venv/bin/python benchmarks/bench_peakfinder.py --ondamonitor   # vs OM's peakfinder8 (make om-venv)
 
+``find_peaks_batch`` spreads a batch over one CPU device per core (``peakfinder.use_cpu_cores``; ``--cores 1``
+keeps it on one core); ``find_peaks`` (one frame) always runs on one core.
+
 Frames: Poisson background λ(r) = 30 + 300·exp(-r/100) on the default AGIPD-1M geometry
 (data_pipeline.geometry), plus 50 Gaussian spots (σ = 1 px, 5e3…4e4 counts) at random
 positions inside ASICs. Each jitted function is compiled and run once, then timed ``--repeats`` times
@@ -128,7 +131,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="--ondamonitor: alternating timing rounds")
     ap.add_argument("--frames", type=int, default=16, help="--ondamonitor: frames per set")
     ap.add_argument("--no-synthetic", action="store_true", help="--ondamonitor: spot frames only")
+    ap.add_argument("--cores", type=int, help="CPU devices find_peaks_batch spreads a batch over (default: all)")
     args = ap.parse_args()
+    n_dev = pf.use_cpu_cores(args.cores)  # before any JAX computation
+    print(f"find_peaks_batch over {n_dev} CPU device(s); find_peaks (single frame) on one")
     if args.ondamonitor:
         return compare_ondamonitor(args)
 
