@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/bench_peakfinder.py --repeats 9 --parts
     .venv/bin/python benchmarks/bench_peakfinder.py --ondamonitor   # vs OM's peakfinder8 (make om-venv)
 
-``find_peaks_batch`` spreads a batch over one CPU device per core (``peakfinder.use_cpu_cores``; ``--cores 1``
-keeps it on one core); ``find_peaks`` (one frame) always runs on one core.
+``find_peaks_batch`` spreads a batch over one CPU device per core (``data_pipeline.host``, which also
+keeps freed memory for reuse; ``--cores 1`` keeps the batch on one core); ``find_peaks`` (one frame) always
+runs on one core.
 
 Frames: Poisson background λ(r) = 30 + 300·exp(-r/100) on the default AGIPD-1M geometry
 (data_pipeline.geometry), plus 50 Gaussian spots (σ = 1 px, 5e3…4e4 counts) at random
@@ -48,6 +49,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from data_pipeline import host  # noqa: E402
 from data_pipeline import peakfinder as pf  # noqa: E402
 
 SHAPE = (16, 512, 128)
@@ -133,7 +135,8 @@ def main():
     ap.add_argument("--no-synthetic", action="store_true", help="--ondamonitor: spot frames only")
     ap.add_argument("--cores", type=int, help="CPU devices find_peaks_batch spreads a batch over (default: all)")
     args = ap.parse_args()
-    n_dev = pf.use_cpu_cores(args.cores)  # before any JAX computation
+    n_dev = host.use_cpu_cores(args.cores)  # before any JAX computation
+    print(f"glibc keeps freed memory: {host.keep_freed_memory()}")
     print(f"find_peaks_batch over {n_dev} CPU device(s); find_peaks (single frame) on one")
     if args.ondamonitor:
         return compare_ondamonitor(args)

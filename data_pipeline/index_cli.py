@@ -89,10 +89,11 @@ def _config(args, index: bool):
 
 
 def _run(args, index: bool) -> int:
+    from data_pipeline.host import keep_freed_memory, use_cpu_cores
     from data_pipeline.index_run import format_table, process_run, run_spec
-    from data_pipeline.peakfinder import use_cpu_cores
 
-    use_cpu_cores(args.cores)  # before any JAX computation; results do not depend on it
+    use_cpu_cores(args.cores)  # before any JAX computation; results do not depend on either
+    keep_freed_memory()
 
     run_path = Path(args.run)
     if run_spec(run_path)[1] is None and not run_path.is_dir():

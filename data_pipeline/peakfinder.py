@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import NamedTuple
 
 import jax
@@ -689,7 +688,8 @@ find_peaks._cache_size = _find_peaks_one._cache_size  # type: ignore[attr-define
 
 def _run_on_devices(frames, mask, radius, config, binning, m):
     """`_find_peaks_many` with the batch split across the local devices (several CPU devices: see
-    `use_cpu_cores`), all dispatched before any result is awaited so that the parts run concurrently.
+    `data_pipeline.host.use_cpu_cores`), all dispatched before any result is awaited, so the parts run
+    concurrently.
 
     Every part is padded to the same length (one compiled program per device) with copies of its first frame.
     Returns (PeakList, overflow) with the leading batch axis of `frames`.
@@ -712,23 +712,6 @@ def _run_on_devices(frames, mask, radius, config, binning, m):
     out = [jax.tree.map(np.asarray, p) for p in parts]  # the one wait, after every part is dispatched
     joined = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
     return PeakList(*joined[0]), joined[1]
-
-
-def use_cpu_cores(n: int | None = None) -> int:
-    """Run XLA on the host as `n` CPU devices (default: the cores this process may use) so that
-    `find_peaks_batch` spreads a batch over the cores: XLA:CPU runs one program on one core, and the
-    peak finder is a chain of small memory-bound kernels that gain nothing from intra-op threads.
-
-    Must be called before JAX initialises its backend (before the first computation); afterwards it is a
-    no-op. Returns the number of devices in use.
-    """
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        jax.config.update("jax_num_cpu_devices", max(1, int(n)))
-    except RuntimeError:  # the backend is already up: keep what it has
-        pass
-    return jax.local_device_count()
 
 
 def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
