@@ -120,8 +120,6 @@ class Peakfinder8Config:
             raise ValueError("local_bg_radius and min_pixel_count must be >= 1")
         if self.radial_pixels_per_bin < 0:
             raise ValueError("radial_pixels_per_bin must be >= 0 (0 = every pixel)")
-        if self.n_sigma_clip_iterations < 1:
-            raise ValueError("n_sigma_clip_iterations must be >= 1")
 
     @property
     def n_radial_bins(self) -> int:
@@ -257,21 +255,7 @@ def _clip_loop(one_pass, dtype, config):
         jnp.zeros(nb, dtype),
         jnp.zeros(nb, jnp.int32),
     )
-
-    # A pass whose thresholds equal the previous pass's keeps the same pixels, so every later pass would
-    # repeat it bit for bit: stop there (exactly the fixed-count result; photon-counting frames usually
-    # settle after 2-3 of the 5 passes).
-    def settling(carry):
-        i, prev, state = carry
-        changed = jnp.any(prev[0] != state[0]) | jnp.any(prev[1] != state[1])
-        return (i < config.n_sigma_clip_iterations) & changed
-
-    def step(carry):
-        i, _, state = carry
-        return i + 1, state, one_pass(i, state)
-
-    first = one_pass(0, init)
-    _, _, (upper, _, offset, sigma, count) = lax.while_loop(settling, step, (jnp.int32(1), init, first))
+    upper, _, offset, sigma, count = lax.fori_loop(0, config.n_sigma_clip_iterations, one_pass, init)
     return RadialStats(offset, sigma, upper, count)
 
 
@@ -698,8 +682,8 @@ def _run_on_devices(frames, mask, radius, config, binning, m):
     n = len(frames)
     if len(devices) == 1 or n < 2:
         return _find_peaks_many(frames, mask, radius, config, binning, m)
-    devices = devices[: min(len(devices), n)]
     per = -(-n // len(devices))
+    devices = devices[: -(-n // per)]  # no empty parts
     frames = np.asarray(frames)
     shared = (np.asarray(mask), np.asarray(radius), binning)
     parts = []
