@@ -51,6 +51,10 @@ class CrystalTableWriter:
                 self._f = h5py.File(self.path, "r+")
                 if GROUP not in self._f:
                     raise InputError(f"{self.path} is not a crystal table (no /{GROUP}); cannot resume.")
+                missing = [name for name in COLUMNS if name not in self._f[GROUP]]
+                if missing:
+                    raise InputError(f"{self.path} was written by an older version (no {', '.join(missing)}); "
+                                     "rerun without --resume.")  # fmt: skip
                 self._truncate(int(self._f[GROUP].attrs["n_rows"]))
             else:
                 self._f = h5py.File(self.path, "w")
@@ -114,6 +118,10 @@ def read_crystal_table(path: str | Path) -> dict[str, np.ndarray]:
                 raise InputError(f"{path} is not a crystal table (no /{GROUP}).")
             g = f[GROUP]
             n = int(g.attrs["n_rows"])
-            return {name: g[name][:n] for name in COLUMNS}
+            # columns added later read as NaN (floats) or -1 (integers) in tables written before them
+            return {
+                name: g[name][:n] if name in g else np.full((n, *shape), np.nan if dtype[0] == "f" else -1, dtype)
+                for name, (shape, dtype) in COLUMNS.items()
+            }
     except OSError as exc:
         raise InputError(f"cannot read crystal table {path}: {exc}") from None

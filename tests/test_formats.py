@@ -506,3 +506,19 @@ def test_cell_parameters_of_a_triclinic_lattice():
     np.testing.assert_allclose(
         dio.cell_parameters(astar @ _rotation(np.random.default_rng(7)).T), (a, b, c, al, be, ga)
     )
+
+
+def test_crystal_table_from_an_older_version(tmp_path):
+    """A table written before a column existed reads with a fill value, and refuses a mixed-version resume."""
+    from data_pipeline.crystal_table import COLUMNS, CrystalTableWriter, read_crystal_table
+    from jaxpolaron.errors import InputError
+
+    rows = {name: np.zeros((2, *shape), dtype) for name, (shape, dtype) in COLUMNS.items()}
+    with CrystalTableWriter(tmp_path / "c.h5") as w:
+        w.append(rows)
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        del f["crystals/orientation_sigma_deg"]
+    table = read_crystal_table(tmp_path / "c.h5")
+    assert len(table["frame"]) == 2 and np.isnan(table["orientation_sigma_deg"]).all()
+    with pytest.raises(InputError, match="older version"):
+        CrystalTableWriter(tmp_path / "c.h5", resume=True)
