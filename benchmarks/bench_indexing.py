@@ -50,7 +50,7 @@ def main():
     n_dev = host.use_cpu_cores()
     host.keep_freed_memory()
 
-    from data_pipeline import index_run, indexing, peakfinder, refinement, synthetic
+    from data_pipeline import index_run, indexing, peakfinder, synthetic
     from data_pipeline.geometry import default_agipd_geometry, peak_positions, pixel_positions, pixel_q, pixel_radius
     from jaxpolaron.structure import read_cif
 
@@ -98,12 +98,7 @@ def main():
     ]
 
     def refine_all():
-        out = []
-        for a in range(0, len(items), config.refine_batch):
-            batch = refinement.pad_crystals(items[a : a + config.refine_batch], config.refine_max_peaks,
-                                            config.refine_batch)  # fmt: skip
-            out.append(refinement.refine_orientations(*batch, config.refinement)[0])
-        return out
+        return index_run.refine_crystals(items, config)[0]
 
     t_refine = best_of(refine_all, args.repeats) if items else 0.0
     t_chunk = best_of(lambda: index_run.index_chunk(pk, positions, lattice, config), args.repeats)

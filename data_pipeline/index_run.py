@@ -131,7 +131,6 @@ def index_chunk(peaks, positions_m, lattice, config: IndexRunConfig):
     """
     from data_pipeline.geometry import peak_positions, pixel_q
     from data_pipeline.indexing import index_frame, n_reflections
-    from data_pipeline.refinement import pad_crystals, refine_orientations
 
     per_frame: list[list[dict]] = []
     rejected_per_frame: list[int] = []
@@ -155,6 +154,20 @@ def index_chunk(peaks, positions_m, lattice, config: IndexRunConfig):
                 items.append((c.rotation, q[c.peaks][:k], (c.hkl @ lattice.basis)[:k], inten[c.peaks][:k]))
         per_frame.append(found)
         rejected_per_frame.append(len(rejected))
+    refined, before, after = refine_crystals(items, config)
+    j = 0
+    for found in per_frame:
+        for c in found:
+            c["rotation"], c["score_before"], c["score_after"] = refined[j], before[j], after[j]
+            j += 1
+    return per_frame, rejected_per_frame
+
+
+def refine_crystals(items, config: IndexRunConfig):
+    """Eq. 1 refinement of crystals (rotation, q, g, s) in padded batches of config.refine_batch (one compiled
+    shape). Returns lists (refined rotations, scores before, scores after), float64, one entry per item."""
+    from data_pipeline.refinement import pad_crystals, refine_orientations
+
     refined, before, after = [], [], []
     for a in range(0, len(items), config.refine_batch):
         batch = items[a : a + config.refine_batch]
@@ -163,12 +176,7 @@ def index_chunk(peaks, positions_m, lattice, config: IndexRunConfig):
         refined += list(np.asarray(r, np.float64)[: len(batch)])
         before += list(np.asarray(s0, np.float64)[: len(batch)])
         after += list(np.asarray(s1, np.float64)[: len(batch)])
-    j = 0
-    for found in per_frame:
-        for c in found:
-            c["rotation"], c["score_before"], c["score_after"] = refined[j], before[j], after[j]
-            j += 1
-    return per_frame, rejected_per_frame
+    return refined, before, after
 
 
 # ------------------------------------------------------------------------------------------------ the run
