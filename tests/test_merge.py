@@ -12,7 +12,7 @@ from data_pipeline.merge import (
     add_into,
     crystal_statistics,
     detector_pixels,
-    empty_accumulators,
+    empty_accumulator,
     flat_reference,
     merge_batch,
     merged_mean,
@@ -38,10 +38,10 @@ def _rotations(n, seed=0):
 def _merge(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, *, n_classes=2, mode="nearest"):
     p = det.q_abs.size
     batch = pad_crystals(slot, rot, scale, klass, excluded, capacity=8, n_pixels=p, width=64)
-    s, w = empty_accumulators(GRID, n_classes)
-    s, w = merge_batch(s, w, jnp.asarray(intensities, jnp.float32), jnp.asarray(pixel_weight, jnp.float32),
-                       jnp.asarray(det.q_lab_t), batch, grid=GRID, mode=mode)  # fmt: skip
-    return add_into(None, s, w, GRID, n_classes)
+    frames = jnp.asarray(intensities, jnp.float32), jnp.asarray(pixel_weight, jnp.float32)
+    acc = empty_accumulator(GRID, n_classes)
+    acc = merge_batch(acc, *frames, jnp.asarray(det.q_lab_t), batch, grid=GRID, mode=mode)
+    return add_into(None, acc, GRID, n_classes)
 
 
 def _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, n_classes=2):
@@ -112,10 +112,10 @@ def test_weights_scale_classes_and_overflow(det):
     np.testing.assert_allclose(got["sum"], 3.0 * got["weight"], rtol=1e-6)
     # a grid too small to hold the pixels: they go to the overflow slots, not into the volume
     small = MergeGrid(n=11, q_max=0.2)
-    s, w = empty_accumulators(small, 1)
     batch = pad_crystals([0], rot[:1], [1.0], [0], [[]], capacity=2, n_pixels=p, width=4)
-    s, w = merge_batch(s, w, jnp.asarray(intensities), jnp.ones((1, p)), jnp.asarray(det.q_lab_t), batch, grid=small)
-    tot = add_into(None, s, w, small, 1)
+    acc = merge_batch(empty_accumulator(small, 1), jnp.asarray(intensities), jnp.ones((1, p)), jnp.asarray(det.q_lab_t),
+                      batch, grid=small)  # fmt: skip
+    tot = add_into(None, acc, small, 1)
     inside = np.all(np.abs(det.q_lab_t.T @ rot[0]) <= small.q_max + small.voxel / 2, axis=1).sum()
     assert tot["weight"].sum() == pytest.approx(inside, abs=2)
 
@@ -124,10 +124,10 @@ def test_second_call_does_not_compile(det):
     p = det.q_abs.size
     batch = pad_crystals([0], _rotations(1), [1.0], [0], [[]], capacity=4, n_pixels=p, width=8)
     args = (jnp.ones((2, p)), jnp.ones((2, p)), jnp.asarray(det.q_lab_t), batch)
-    s, w = merge_batch(*empty_accumulators(GRID, 1), *args, grid=GRID)
+    acc = merge_batch(empty_accumulator(GRID, 1), *args, grid=GRID)
     with jax.log_compiles():
         before = merge_batch._cache_size()
-        s, w = merge_batch(s, w, *args, grid=GRID)
+        acc = merge_batch(acc, *args, grid=GRID)
         assert merge_batch._cache_size() == before
 
 
