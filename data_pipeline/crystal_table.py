@@ -125,3 +125,22 @@ def read_crystal_table(path: str | Path) -> dict[str, np.ndarray]:
             }
     except OSError as exc:
         raise InputError(f"cannot read crystal table {path}: {exc}") from None
+
+
+def write_columns(path: str | Path, group: str, columns: Mapping[str, np.ndarray], attrs: Mapping[str, object]) -> Path:
+    """Write equal-length columns into `group` of a new HDF5 file (atomically: temporary file, then rename);
+    attrs are stored as JSON strings. For per-crystal results of later stages (e.g. merge scales)."""
+    import os
+
+    from jaxpolaron.io import check_writable
+
+    path = check_writable(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        g = f.create_group(group)
+        for name, values in columns.items():
+            g.create_dataset(name, data=np.asarray(values))
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value, default=str)
+    os.replace(tmp, path)
+    return path

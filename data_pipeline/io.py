@@ -523,6 +523,62 @@ def read_cxi_peaks(path: str | Path) -> CxiPeaks:
     return CxiPeaks(peaks, d["trainId"], d["pulseId"], d["pumped"], d["frameIndex"], prov, config)
 
 
+class PeakRows(NamedTuple):
+    """Selected frames of a CXI peak-list file, trimmed to their peaks (for reductions of long runs).
+
+    rows: (k,) frame rows, ascending. module, ss, fs, total_intensity: per row (n_peaks,) arrays (module pixels,
+    centres at integers; the stacked CXI slow-scan coordinate split into module and ss).
+    """
+
+    rows: np.ndarray
+    module: list[np.ndarray]
+    ss: list[np.ndarray]
+    fs: list[np.ndarray]
+    total_intensity: list[np.ndarray]
+
+
+def read_cxi_frames(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-frame columns of a CXI peak file (nPeaks, trainId, pulseId, pumped, frameIndex), (N,) each,
+    without the (N, max_peaks) peak arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"CXI peak file {path} does not exist.")
+    with _open_h5(path, "r") as f:
+        g = _check_cxi(f, path)
+        n = _consistent_frames(g)
+        return {name: g[name][:n] for name in ("nPeaks", "trainId", "pulseId", "pumped", "frameIndex")}
+
+
+def read_cxi_peak_rows(path: str | Path, rows: np.ndarray, block: int = 4096) -> PeakRows:
+    """The peaks of frames `rows` (ascending), read `block` frames at a time: memory ~ the peaks kept, not the
+    (N, max_peaks) datasets."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and np.any(np.diff(rows) <= 0):
+        raise ValueError("rows must be strictly ascending.")
+    out: dict[str, list[np.ndarray]] = {"module": [], "ss": [], "fs": [], "total_intensity": []}
+    with _open_h5(Path(path), "r") as f:
+        g = _check_cxi(f, Path(path))
+        n_frames = _consistent_frames(g)
+        if len(rows) and rows[-1] >= n_frames:
+            raise InputError(f"{path} holds {n_frames} frames; row {rows[-1]} was asked for.")
+        for start in range(0, len(rows), block):
+            chunk = rows[start : start + block]
+            lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+            n_peaks = g["nPeaks"][lo:hi][chunk - lo]
+            width = int(n_peaks.max(initial=0))
+            y = g["peakYPosRaw"][lo:hi, :width][chunk - lo]
+            x = g["peakXPosRaw"][lo:hi, :width][chunk - lo]
+            inten = g["peakTotalIntensity"][lo:hi, :width][chunk - lo]
+            module = np.floor((y.astype(np.float64) + 0.5) / MODULE_SS).astype(np.int32)
+            ss = (y - MODULE_SS * module).astype(np.float32)
+            for i, k in enumerate(n_peaks):
+                out["module"].append(module[i, :k])
+                out["ss"].append(ss[i, :k])
+                out["fs"].append(x[i, :k])
+                out["total_intensity"].append(inten[i, :k])
+    return PeakRows(rows, **out)
+
+
 def write_crystfel_event_list(path: str | Path, cxi_path: str | Path, n_frames: int) -> Path:
     """indexamajig input list for a CXI peak file: one ``<cxi_path> //<row>`` line per frame.
 

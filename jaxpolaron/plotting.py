@@ -133,3 +133,63 @@ def plot_windows(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_powder(q: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, *, title: str = "") -> Path:
+    """One panel per curve family vs |q| (Å⁻¹), dark and pumped overlaid (the paper's Fig. 2b: the virtual
+    powder of integrated peak intensities and the azimuthal average of whole frames).
+
+    curves: name -> (2, n) array (dark, pumped) on the bin centres q (n,); NaN where undefined."""
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    fig.set_layout_engine("constrained")
+    for ax, (name, c) in zip(axs[0], curves.items(), strict=True):
+        for row, label, colour in ((0, "dark", "tab:blue"), (1, "pumped", "tab:red")):
+            ax.plot(q, np.asarray(c)[row], label=label, color=colour, lw=1.0, alpha=0.85)
+        ax.set_xlabel("|q| = 1/d (Å⁻¹)")
+        ax.set_ylabel("photons per hit" if "virtual" in name else "photons per pixel")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(scale: np.ndarray, similarity: np.ndarray, accepted: np.ndarray, path: str | Path, *,
+                 threshold: float | None = None, truth: np.ndarray | None = None) -> Path:  # fmt: skip
+    """Per-crystal diagnostics of scaling and rejection: the similarity histogram (accepted vs rejected, with
+    the threshold) and the scale factors (vs a true per-crystal factor on log axes when `truth` is given)."""
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig.set_layout_engine("constrained")
+    sim = np.asarray(similarity, float)
+    acc = np.asarray(accepted, bool)
+    bins = np.linspace(-1, 1, 81)
+    axs[0].hist(sim[acc & np.isfinite(sim)], bins=bins, color="tab:blue", label=f"merged ({acc.sum()})")
+    axs[0].hist(sim[~acc & np.isfinite(sim)], bins=bins, color="tab:red", label=f"rejected ({(~acc).sum()})")
+    if threshold is not None:
+        axs[0].axvline(threshold, color="k", ls="--", lw=1)
+    axs[0].set_xlabel("similarity to the reference (cosine)")
+    axs[0].set_ylabel("crystals")
+    axs[0].legend(fontsize=8)
+    s = np.asarray(scale, float)
+    ok = acc & np.isfinite(s) & (s > 0)
+    if truth is None:
+        axs[1].hist(np.log10(s[ok]), bins=60, color="tab:blue")
+        axs[1].set_xlabel("log10 scale factor")
+        axs[1].set_ylabel("crystals")
+    else:
+        t = np.asarray(truth, float)
+        ok &= np.isfinite(t) & (t > 0)
+        r = np.corrcoef(np.log(s[ok]), np.log(t[ok]))[0, 1] if ok.sum() > 2 else np.nan
+        axs[1].loglog(t[ok], s[ok], ".", ms=2)
+        axs[1].set_xlabel("true factor")
+        axs[1].set_ylabel("scale factor")
+        axs[1].set_title(f"Pearson r (log) = {r:.3f}", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
