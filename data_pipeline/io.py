@@ -32,6 +32,7 @@ Three CrystFEL interop formats:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -483,6 +484,24 @@ class CxiPeakWriter:
         self.close()
 
 
+@contextlib.contextmanager
+def _open_cxi(path: str | Path):
+    """(file, peak group, committed frames) of one of our CXI peak files, opened read-only; InputError for a
+    missing file, a non-HDF5 file, or a file that is not ours or lacks datasets."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"CXI peak file {path} does not exist.")
+    with _open_h5(path, "r") as f:
+        g = _check_cxi(f, path)
+        yield f, g, _consistent_frames(g)
+
+
+def _split_stacked(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Module (int32) and in-module slow scan (float32) of stacked-layout CXI y positions."""
+    module = np.floor((y.astype(np.float64) + 0.5) / MODULE_SS).astype(np.int32)
+    return module, (y - MODULE_SS * module).astype(np.float32)
+
+
 def read_cxi_peaks(path: str | Path) -> CxiPeaks:
     """Read a CXI peak-list file written by ``CxiPeakWriter`` (its consistent frames only; read-only).
 
@@ -490,20 +509,14 @@ def read_cxi_peaks(path: str | Path) -> CxiPeaks:
     """
     from data_pipeline.peakfinder import PeakList
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"CXI peak file {path} does not exist.")
-    with _open_h5(path, "r") as f:
-        g = _check_cxi(f, path)
-        n = _consistent_frames(g)
+    with _open_cxi(path) as (f, g, n):
         d = {name: g[name][:n] for name in _CXI_DATASETS}
         prov = json.loads(f.attrs.get("provenance", "{}"))
         config = json.loads(f.attrs.get("peakfinder_config", "{}"))
     y = d["peakYPosRaw"]
     width = y.shape[1]
     valid = np.arange(width)[None, :] < d["nPeaks"][:, None]
-    module = np.floor((y.astype(np.float64) + 0.5) / MODULE_SS).astype(np.int32)
-    ss = (y - MODULE_SS * module).astype(np.float32)
+    module, ss = _split_stacked(y)
 
     def pad(x, fill=0):
         return np.where(valid, x, fill).astype(x.dtype)
@@ -540,12 +553,7 @@ class PeakRows(NamedTuple):
 def read_cxi_frames(path: str | Path) -> dict[str, np.ndarray]:
     """The per-frame columns of a CXI peak file (nPeaks, trainId, pulseId, pumped, frameIndex), (N,) each,
     without the (N, max_peaks) peak arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"CXI peak file {path} does not exist.")
-    with _open_h5(path, "r") as f:
-        g = _check_cxi(f, path)
-        n = _consistent_frames(g)
+    with _open_cxi(path) as (_, g, n):
         return {name: g[name][:n] for name in ("nPeaks", "trainId", "pulseId", "pumped", "frameIndex")}
 
 
@@ -556,9 +564,7 @@ def read_cxi_peak_rows(path: str | Path, rows: np.ndarray, block: int = 4096) ->
     if len(rows) and np.any(np.diff(rows) <= 0):
         raise ValueError("rows must be strictly ascending.")
     out: dict[str, list[np.ndarray]] = {"module": [], "ss": [], "fs": [], "total_intensity": []}
-    with _open_h5(Path(path), "r") as f:
-        g = _check_cxi(f, Path(path))
-        n_frames = _consistent_frames(g)
+    with _open_cxi(path) as (_, g, n_frames):
         if len(rows) and rows[-1] >= n_frames:
             raise InputError(f"{path} holds {n_frames} frames; row {rows[-1]} was asked for.")
         for start in range(0, len(rows), block):
@@ -569,8 +575,7 @@ def read_cxi_peak_rows(path: str | Path, rows: np.ndarray, block: int = 4096) ->
             y = g["peakYPosRaw"][lo:hi, :width][chunk - lo]
             x = g["peakXPosRaw"][lo:hi, :width][chunk - lo]
             inten = g["peakTotalIntensity"][lo:hi, :width][chunk - lo]
-            module = np.floor((y.astype(np.float64) + 0.5) / MODULE_SS).astype(np.int32)
-            ss = (y - MODULE_SS * module).astype(np.float32)
+            module, ss = _split_stacked(y)
             for i, k in enumerate(n_peaks):
                 out["module"].append(module[i, :k])
                 out["ss"].append(ss[i, :k])
