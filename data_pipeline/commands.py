@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import importlib
 
-COMMAND_MODULES: tuple[str, ...] = ("data_pipeline.synth_cli", "data_pipeline.index_cli", "data_pipeline.reduce_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "data_pipeline.synth_cli",
+    "data_pipeline.index_cli",
+    "data_pipeline.reduce_cli",
+    "data_pipeline.show_cli",
+)
 
 
 def register(sub) -> None:

@@ -1,4 +1,6 @@
-"""Figures: central slices of a full volume (like the paper's Fig. 2c) and slices through peak windows.
+"""Figures: central slices of a full volume (like the paper's Fig. 2c), slices through peak windows, generic
+slice panels (`SlicePanel`, `plot_slice`, `plot_slice_grid`; used by `jaxpolaron show`), the powder curves
+(Fig. 2b) and per-crystal scaling diagnostics.
 
 matplotlib is imported inside the functions (headless Agg backend), so importing jaxpolaron stays light.
 All inputs are host arrays; q axes in Å⁻¹ (crystal frame).
@@ -6,6 +8,7 @@ All inputs are host arrays; q axes in Å⁻¹ (crystal frame).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,3 +196,178 @@ def plot_scaling(scale: np.ndarray, similarity: np.ndarray, accepted: np.ndarray
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------ generic slices
+_Q_LABELS = ("q_x", "q_y", "q_z")
+_MASKED_GREY = "0.6"  # colour of voxels without data (zero merge weight, NaN)
+
+
+def _units_label(units: str) -> str:
+    return {"electrons^2": "e²", "counts": "counts"}.get(units, units)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlicePanel:
+    """One 2D panel: the slice of a volume normal to q axis `axis` at sample `index`.
+
+    Attributes:
+        axes: (qx (nx,), qy (ny,), qz (nz,)) sample positions, Å⁻¹ (crystal frame).
+        data: (nx, ny, nz) intensities (or ΔI when `diverging`), in `units`.
+        axis: 0, 1 or 2: the slice is normal to q_x, q_y or q_z.
+        index: sample along `axis`.
+        title: panel title.
+        diverging: ΔI style: 'RdBu_r' with symmetric limits ±vmax (red = more intensity after pumping).
+        weight: optional (nx, ny, nz) merge weights; voxels with weight <= 0 (and NaN voxels) are drawn grey.
+        log: intensities on a log scale floored `floor_decades` below the maximum; for `diverging`, a signed
+            log scale (linear within 1e-3 of the limit) — ΔI over a whole slice spans decades.
+        vmax: upper colour limit (diverging: ±vmax); default the largest value in the shown region.
+        window: ((a_lo, a_hi), (b_lo, b_hi)) in-plane limits in Å⁻¹ to zoom on (the two remaining axes in
+            order); colour limits are taken from that region only.
+        units: intensity units for the colour-bar label ("electrons^2", "counts").
+        floor_decades: decades below vmax where a log scale starts.
+        arrow_from: optional in-plane point (a, b), Å⁻¹ (e.g. a Bragg peak): an arrow from it towards q = 0
+            marks "inward".
+    """
+
+    axes: Sequence[np.ndarray]
+    data: np.ndarray
+    axis: int
+    index: int
+    title: str = ""
+    diverging: bool = False
+    weight: np.ndarray | None = None
+    log: bool = True
+    vmax: float | None = None
+    window: tuple[tuple[float, float], tuple[float, float]] | None = None
+    units: str = "electrons^2"
+    floor_decades: float = 6.0
+    arrow_from: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}.")
+        shape = tuple(len(a) for a in self.axes)
+        if np.shape(self.data) != shape or (self.weight is not None and np.shape(self.weight) != shape):
+            raise ValueError(f"data/weight must have the axes' shape {shape}.")
+        if not 0 <= self.index < shape[self.axis]:
+            raise ValueError(f"index {self.index} outside 0..{shape[self.axis] - 1}.")
+
+
+def _crop(q: np.ndarray, limits: tuple[float, float] | None) -> slice:
+    """Index range of the samples of sorted-ascending `q` within `limits` (at least two samples)."""
+    if limits is None:
+        return slice(0, len(q))
+    lo = int(np.searchsorted(q, min(limits), side="left"))
+    hi = int(np.searchsorted(q, max(limits), side="right"))
+    if hi - lo < 2:  # narrower than a voxel: the two samples nearest the centre
+        centre = int(np.argmin(np.abs(q - 0.5 * (limits[0] + limits[1]))))
+        lo = max(0, min(centre, len(q) - 2))
+        hi = lo + 2
+    return slice(lo, hi)
+
+
+def _edges_extent(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """imshow extent whose pixels are centred on the samples."""
+
+    def half(x):
+        return 0.5 * (x[1] - x[0]) if len(x) > 1 else 0.5
+
+    return [a[0] - half(a), a[-1] + half(a), b[0] - half(b), b[-1] + half(b)]
+
+
+def draw_slice(ax, panel: SlicePanel, fig=None):
+    """Draw `panel` into the matplotlib Axes `ax` (with a colour bar on `fig`, default ax's figure).
+    Returns the image. Masked voxels (weight <= 0, NaN) are grey, never drawn as zeros."""
+    import matplotlib
+    from matplotlib.colors import LogNorm, Normalize, SymLogNorm
+
+    fig = ax.figure if fig is None else fig
+    a_ax, b_ax = (i for i in range(3) if i != panel.axis)
+    qa, qb = (np.asarray(panel.axes[i], float) for i in (a_ax, b_ax))
+    img = np.take(np.asarray(panel.data, float), panel.index, axis=panel.axis)
+    bad = ~np.isfinite(img)
+    if panel.weight is not None:
+        bad |= ~(np.take(np.asarray(panel.weight, float), panel.index, axis=panel.axis) > 0)
+    sa = _crop(qa, panel.window[0] if panel.window else None)
+    sb = _crop(qb, panel.window[1] if panel.window else None)
+    qa, qb, img, bad = qa[sa], qb[sb], img[sa, sb], bad[sa, sb]
+    good = img[~bad]
+    if panel.diverging:
+        lim = panel.vmax or (float(np.abs(good).max()) if good.size else 0.0) or 1.0
+        norm = SymLogNorm(linthresh=1e-3 * lim, vmin=-lim, vmax=lim) if panel.log else Normalize(-lim, lim)
+        cmap_name, label = "RdBu_r", "ΔI"
+    elif panel.log:
+        positive = good[good > 0]
+        top = panel.vmax or (float(positive.max()) if positive.size else 1.0)
+        bottom = top * 10.0 ** (-panel.floor_decades)
+        img = np.clip(img, bottom, None)
+        norm, cmap_name, label = LogNorm(bottom, top), "magma", "I"
+    else:
+        top = panel.vmax or (float(good.max()) if good.size else 1.0)
+        bottom = min(0.0, float(good.min())) if good.size else 0.0
+        norm, cmap_name, label = Normalize(bottom, top if top > bottom else bottom + 1.0), "magma", "I"
+    cmap = matplotlib.colormaps[cmap_name].with_extremes(bad=_MASKED_GREY)
+    shown = np.ma.masked_array(np.where(bad, 0.0, img), mask=bad)
+    im = ax.imshow(shown.T, origin="lower", extent=_edges_extent(qa, qb), norm=norm, cmap=cmap,
+                   interpolation="nearest", aspect="equal")  # fmt: skip
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_xlabel(f"{_Q_LABELS[a_ax]} (Å⁻¹)")
+    ax.set_ylabel(f"{_Q_LABELS[b_ax]} (Å⁻¹)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=f"{label} ({_units_label(panel.units)})")
+    if panel.arrow_from is not None:
+        ga, gb = (float(x) for x in panel.arrow_from)
+        length = np.hypot(ga, gb)
+        if length > 0:
+            span = min(0.3 * (qa[-1] - qa[0]), 0.5 * length)
+            ax.annotate("", xy=(ga - span * ga / length, gb - span * gb / length), xytext=(ga, gb),
+                        arrowprops={"arrowstyle": "->", "color": "k"})  # fmt: skip
+    return im
+
+
+def plot_slice_grid(panels: Sequence[Sequence[SlicePanel | None]], path: str | Path, *, title: str = "") -> Path:
+    """A figure of rows × columns slice panels (None leaves a cell empty); writes the PNG `path`."""
+    plt = _pyplot()
+    rows = len(panels)
+    cols = max((len(r) for r in panels), default=0)
+    if rows == 0 or cols == 0:
+        raise ValueError("no panels to draw.")
+    fig, axs = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.9 * rows), squeeze=False)
+    fig.set_layout_engine("constrained")
+    try:
+        for i, row in enumerate(panels):
+            for j in range(cols):
+                panel = row[j] if j < len(row) else None
+                if panel is None:
+                    axs[i, j].set_axis_off()
+                else:
+                    draw_slice(axs[i, j], panel, fig)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_slice(
+    axes: Sequence[np.ndarray],
+    data: np.ndarray,
+    axis: int,
+    index: int,
+    path: str | Path,
+    *,
+    title: str = "",
+    diverging: bool = False,
+    weight: np.ndarray | None = None,
+    log: bool = True,
+    vmax: float | None = None,
+    window: tuple[tuple[float, float], tuple[float, float]] | None = None,
+    units: str = "electrons^2",
+) -> Path:
+    """One slice of a (nx, ny, nz) volume on q axes `axes` (Å⁻¹), normal to q axis `axis` (0, 1, 2) at sample
+    `index`, as a single-panel PNG. See `SlicePanel` for the keywords (grey = zero weight / no data)."""
+    panel = SlicePanel(axes, data, axis, index, title=title, diverging=diverging, weight=weight, log=log,
+                       vmax=vmax, window=window, units=units)  # fmt: skip
+    return plot_slice_grid([[panel]], path)
