@@ -1,129 +1,223 @@
-"""Radial background profiles and their SVD (data_pipeline.background), virtual powder sums
-(data_pipeline.powder), and the ordered map-reduce with checkpoints (data_pipeline.scaleout)."""
+"""Radial background profiles and their SVD (data_pipeline.background), and the ordered map-reduce with
+checkpoints (data_pipeline.scaleout). The powder curves are tested in test_powder.py."""
 
 import numpy as np
 import pytest
 
 from data_pipeline import background as bg
-from data_pipeline import powder, scaleout
+from data_pipeline import scaleout
 from jaxpolaron.errors import InputError
 
-RNG = np.random.default_rng(0)
 
-
-def _pixels(n=4000, q_max=0.8):
-    q = np.sqrt(RNG.uniform(0, q_max**2, n))  # uniform over a disc, like a flat detector
-    bins, index = bg.make_radial_bins(q, 0.02)
+def _pixels(rng, n=4000, q_max=0.8, width=0.02):
+    """A fabricated flat detector: n pixels uniform over a disc of radius q_max Å⁻¹ (so more pixels at high |q|,
+    and bins near 0 may hold none)."""
+    q = np.sqrt(rng.uniform(0, q_max**2, n))
+    bins, index = bg.make_radial_bins(q, width)
     return q, bins, index
 
 
 def _shapes(q):
-    """Three smooth radial shapes: a ring at 0.2 Å⁻¹, a falling solvent term, a constant."""
+    """Three smooth radial shapes (3, ...): a ring at 0.2 Å⁻¹, a falling solvent term, a constant."""
     return np.stack([np.exp(-((q - 0.2) ** 2) / (2 * 0.03**2)), np.exp(-q / 0.3), np.ones_like(q)])
 
 
-def test_radial_profiles_are_weighted_bin_means():
-    q, bins, index = _pixels()
-    frames = RNG.normal(size=(3, q.size)).astype(np.float32)
-    weights = (RNG.random((3, q.size)) > 0.2).astype(np.float32)
-    prof, count = (np.asarray(x) for x in bg.radial_profiles(frames, weights, index, bins.n_bins))
+def _profiles(frames, weights, index, bins):
+    prof, count = bg.radial_profiles(frames.astype(np.float32), weights.astype(np.float32), index, bins.n_bins)
+    return np.asarray(prof, np.float64), np.asarray(count, np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ bins
+def test_radial_bins_are_aligned_and_cover_every_pixel():
+    q = np.array([0.0312, 0.05, 0.0999, 0.1, np.nan, 0.2])
+    bins, index = bg.make_radial_bins(q, 0.01)
+    np.testing.assert_allclose(bins.edges, np.arange(3, 21) * 0.01)  # multiples of the width
+    assert index.dtype == np.int32
+    assert index.tolist() == [0, 2, 6, 7, -1, 16]  # the largest |q| is in the last (closed) bin, NaN in none
+    assert bins.pixels.sum() == 5 and bins.live.sum() == 5
+    _, index = bg.make_radial_bins(q, 0.01, q_max=0.1, q_min=0.04)
+    assert index.tolist() == [-1, 1, 5, 5, -1, -1]  # below q_min, above q_max: no bin; q_max is in the last bin
+    with pytest.raises(ValueError):
+        bg.make_radial_bins(q, 0.0)
+
+
+def test_radial_profiles_are_weighted_bin_means_and_compile_once():
+    rng = np.random.default_rng(1)
+    q, bins, index = _pixels(rng)
+    frames = rng.normal(size=(3, q.size)).astype(np.float32)
+    weights = (rng.random((3, q.size)) > 0.2).astype(np.float32)
+    prof, count = _profiles(frames, weights, index, bins)
     for f in range(3):
-        for b in (0, 5, bins.n_bins - 1):
+        for b in range(bins.n_bins):
             sel = (index == b) & (weights[f] > 0)
             assert count[f, b] == sel.sum()
             assert prof[f, b] == pytest.approx(frames[f, sel].mean() if sel.any() else 0.0, abs=1e-5)
+    before = bg.radial_profiles._cache_size()
+    _profiles(frames + 1.0, 1.0 - weights, index, bins)  # same shapes: nothing compiles
+    assert bg.radial_profiles._cache_size() == before
 
 
-def test_rank_three_background_is_recovered_and_matches_numpy_svd():
-    _q, bins, _index = _pixels()
-    shapes = _shapes(bins.centres)
-    coef = RNG.uniform(0.5, 2.0, (40, 3))
-    profiles = coef @ shapes  # (frames, bins), exactly rank 3
-    half = bg.gram_update(profiles[:17]) + bg.gram_update(profiles[17:])
-    np.testing.assert_allclose(half, bg.gram_update(profiles), rtol=1e-12)  # streaming = all at once
-    comps = bg.background_components(half, 3)
-    np.testing.assert_allclose(comps @ comps.T, np.eye(3), atol=1e-10)
-    np.testing.assert_allclose(bg.reconstruct(profiles, comps), profiles, atol=1e-10)
-    vt = np.linalg.svd(profiles, full_matrices=False)[2][:3]
-    np.testing.assert_allclose(vt.T @ vt, comps.T @ comps, atol=1e-9)  # the same subspace
-
-
-def test_excluding_peak_pixels_removes_bragg_spots_from_the_profile():
-    shape = (2, 64, 32)
-    p = np.arange(np.prod(shape))
-    _module, ss, fs = np.unravel_index(p, shape)
-    q = np.hypot(ss - 10.0, fs - 16.0) / 60.0  # a fabricated |q| per pixel
-    bins, index = bg.make_radial_bins(q, 0.05)
-    smooth = (1.0 + 3.0 * q).astype(np.float32)
-    peaks = (np.array([0, 0, 1]), np.array([30.3, 45.0, 20.6]), np.array([7.8, 20.2, 3.1]))
-    spotted = smooth.copy()
-    near = bg.peak_pixels(*peaks, 3.0, shape)
-    spotted[near] += 500.0
-    keep = np.ones((1, p.size), np.float32)
-    keep[0, near] = 0.0
-    clean, _ = bg.radial_profiles(smooth[None], np.ones_like(keep), index, bins.n_bins)
-    masked, _ = bg.radial_profiles(spotted[None], keep, index, bins.n_bins)
-    raw, _ = bg.radial_profiles(spotted[None], np.ones_like(keep), index, bins.n_bins)
-    assert np.abs(np.asarray(masked) - np.asarray(clean)).max() < 0.05  # only the bin-mean of a smooth ramp moves
-    assert np.abs(np.asarray(raw) - np.asarray(clean)).max() > 10.0
-
-
+# ------------------------------------------------------------------------------------------------ peak discs
 def test_peak_pixels_disc_and_module_edges():
     shape = (16, 512, 128)
     inner = bg.peak_pixels([3], [100.2], [60.4], 4.0, shape)
-    assert len(inner) == 49  # pixels with dy² + dx² <= 16
+    assert len(inner) == 49  # integer (dy, dx) with dy² + dx² <= 16 around the nearest pixel (100, 60)
     m, s, f = np.unravel_index(inner, shape)
     assert set(m) == {3} and np.hypot(s - 100, f - 60).max() <= 4.0
     edge = bg.peak_pixels([5], [511.4], [0.2], 4.0, shape)  # a module corner: a quarter disc, nothing spills
     m, s, f = np.unravel_index(edge, shape)
     assert set(m) == {5} and len(edge) == 17 and s.min() >= 507 and f.max() <= 4
+    both = bg.peak_pixels([3, 3, -1], [100.2, 101.0, 0.0], [60.4, 60.0, 0.0], 4.0, shape)  # -1: padding
+    assert set(inner) <= set(both) and len(both) == len(np.unique(both)) < 2 * 49
     assert len(bg.peak_pixels([], [], [], 4.0, shape)) == 0
+    with pytest.raises(ValueError):
+        bg.peak_pixels([16], [1.0], [1.0], 4.0, shape)
+
+
+def test_peak_pixels_match_brute_force():
+    rng = np.random.default_rng(2)
+    shape = (4, 40, 30)
+    module = rng.integers(0, 4, 12)
+    ss, fs = rng.uniform(-0.4, 39.4, 12), rng.uniform(-0.4, 29.4, 12)
+    got = bg.peak_pixels(module, ss, fs, 2.5, shape)
+    m, s, f = np.unravel_index(np.arange(np.prod(shape)), shape)
+    near = np.zeros(m.size, bool)
+    for k in range(12):
+        near |= (m == module[k]) & ((s - np.rint(ss[k])) ** 2 + (f - np.rint(fs[k])) ** 2 <= 2.5**2)
+    np.testing.assert_array_equal(got, np.flatnonzero(near))
+
+
+def test_excluding_peak_pixels_removes_bragg_spots_from_the_profile():
+    """Bright Gaussian spots (σ = 1 pixel, 1000× the background) on a smooth radial background: with the
+    radius-4 discs excluded the profile is the spot-free one; without, it is far off."""
+    shape = (2, 64, 32)
+    m, ss, fs = np.unravel_index(np.arange(np.prod(shape)), shape)
+    q = np.hypot(ss - 10.0 + 80.0 * m, fs - 16.0) / 200.0  # a fabricated |q| per pixel (0 to ~0.8 Å⁻¹)
+    bins, index = bg.make_radial_bins(q, 0.05)
+    smooth = 1.0 + 3.0 * q
+    peaks = (np.array([0, 0, 1, 1]), np.array([30.3, 45.0, 20.6, 0.4]), np.array([7.8, 20.2, 3.1, 30.9]))
+    spotted = smooth.copy()
+    for k in range(4):
+        r2 = (ss - peaks[1][k]) ** 2 + (fs - peaks[2][k]) ** 2
+        spotted += np.where(m == peaks[0][k], 1000.0 * np.exp(-0.5 * r2), 0.0)
+    keep = np.ones((1, q.size))
+    keep[0, bg.peak_pixels(*peaks, 4.0, shape)] = 0.0
+    clean, _ = _profiles(smooth[None], np.ones_like(keep), index, bins)  # spot-free, every pixel
+    masked, _ = _profiles(spotted[None], keep, index, bins)
+    raw, _ = _profiles(spotted[None], np.ones_like(keep), index, bins)
+    # Left: the spot tails beyond ~4σ (1000·e⁻⁸ ≈ 0.3 per pixel) and the missing discs' share of the ramp.
+    np.testing.assert_allclose(masked, clean, rtol=0.015)
+    assert np.max(raw / clean) > 1.3
+
+
+# ------------------------------------------------------------------------------------------------ SVD
+def test_rank_three_background_is_recovered_and_matches_numpy_svd():
+    """Frames made of 3 radial shapes with random per-frame weights: the Gram route (streamed in two parts)
+    gives the subspace of numpy's SVD of the stacked profiles and reconstructs them to float32 precision."""
+    rng = np.random.default_rng(3)
+    q, bins, index = _pixels(rng, n=6000)
+    frames = rng.uniform(0.5, 2.0, (40, 3)) @ _shapes(q)  # (frames, pixels), rank 3
+    prof, count = _profiles(frames, np.ones_like(frames), index, bins)
+    prof = bg.fill_empty(prof, count, bins.live)
+    gram = bg.gram_update(prof[:17]) + bg.gram_update(prof[17:])
+    np.testing.assert_allclose(gram, bg.gram_update(prof), rtol=1e-12)  # streaming = all at once
+    comps = bg.background_components(gram, 3)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(bg.reconstruct(prof, comps), prof, rtol=2e-6, atol=1e-6 * np.abs(prof).max())
+    _, s, vt = np.linalg.svd(prof, full_matrices=False)
+    np.testing.assert_allclose(vt[:3].T @ vt[:3], comps.T @ comps, atol=1e-6)  # the same subspace
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(gram))[::-1][:3], s[:3] ** 2, rtol=1e-9)
+    assert s[3] < 1e-5 * s[0]  # rank 3 up to float32 rounding
+    w = bins.pixels  # weighted: the SVD of √w ∘ b, and still an exact reconstruction of a rank-3 background
+    comps_w = bg.background_components(bg.gram_update(prof, w), 3)
+    vt_w = np.linalg.svd(prof * np.sqrt(w), full_matrices=False)[2][:3]
+    np.testing.assert_allclose(vt_w.T @ vt_w, comps_w.T @ comps_w, atol=1e-6)
+    np.testing.assert_allclose(bg.reconstruct(prof, comps_w, w)[:, bins.live], prof[:, bins.live], rtol=2e-6,
+                               atol=1e-6 * np.abs(prof).max())  # fmt: skip
 
 
 def test_svd_background_denoises_poisson_frames():
-    """Poisson photons on a rank-3 background: the 3-component reconstruction is closer to the truth than each
-    frame's own profile."""
-    q, bins, index = _pixels(n=20000)
-    truth = RNG.uniform(0.1, 2.0, (60, 3)) @ _shapes(q)  # (frames, pixels) expected photons
-    frames = RNG.poisson(truth).astype(np.float32)
-    prof, count = (np.asarray(x, np.float64) for x in bg.radial_profiles(frames, np.ones_like(frames), index,
-                                                                          bins.n_bins))  # fmt: skip
-    prof = bg.fill_empty(prof, count)
-    true_prof, _ = bg.radial_profiles(truth.astype(np.float32), np.ones_like(frames), index, bins.n_bins)
-    model = bg.reconstruct(prof, bg.background_components(bg.gram_update(prof), 3))
-    raw_err = np.sqrt(np.mean((prof - np.asarray(true_prof)) ** 2))
-    svd_err = np.sqrt(np.mean((model - np.asarray(true_prof)) ** 2))
-    assert svd_err < 0.6 * raw_err
+    """Photon-sparse Poisson frames (0.01–0.3 photons per pixel) on a rank-3 background: with the bins weighted
+    by their pixel counts, every frame's 3-component reconstruction is closer to its true profile (rms over
+    pixels) than the Poisson noise of its raw profile, and the weighting beats the plain SVD."""
+    rng = np.random.default_rng(4)
+    q, bins, index = _pixels(rng, n=20000)
+    truth = rng.uniform(0.01, 0.1, (60, 3)) @ _shapes(q)  # (frames, pixels) expected photons
+    frames = rng.poisson(truth).astype(np.float32)
+    prof, count = _profiles(frames, np.ones_like(frames), index, bins)
+    prof = bg.fill_empty(prof, count, bins.live)
+    true_prof, _ = _profiles(truth, np.ones_like(truth), index, bins)
+    w = bins.pixels / bins.pixels.sum()  # rms over pixels = √(Σ_b w_b err_b²)
+
+    def rms(x):
+        return np.sqrt(np.sum(w * x**2, axis=1))
+
+    noise = np.sqrt(np.sum(w * true_prof / np.maximum(count, 1), axis=1))  # expected rms Poisson error per frame
+    raw_err = rms(prof - true_prof)
+    np.testing.assert_allclose(raw_err.mean(), noise.mean(), rtol=0.1)  # the raw profiles hold Poisson noise
+    model = bg.reconstruct(prof, bg.background_components(bg.gram_update(prof, bins.pixels), 3), bins.pixels)
+    svd_err = rms(model - true_prof)
+    assert np.all(svd_err < noise)
+    assert svd_err.mean() < 0.5 * noise.mean()  # ideal: √(3 / n_bins) ≈ 0.27 of it
+    plain = bg.reconstruct(prof, bg.background_components(bg.gram_update(prof), 3))
+    assert svd_err.mean() < 0.8 * rms(plain - true_prof).mean()  # noisy inner bins spoil the plain SVD
+
+
+def test_fill_empty_interpolates_gaps_and_zeroes_dead_bins():
+    prof = np.array([[1.0, 0.0, 3.0, 0.0, 7.0, 0.0], [0.0, 2.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 6])
+    count = np.array([[5, 0, 5, 0, 5, 0], [0, 5, 0, 0, 0, 0], [0] * 6])
+    np.testing.assert_allclose(bg.fill_empty(prof, count), [[1, 2, 3, 5, 7, 7], [2] * 6, [0] * 6])
+    live = np.array([True, True, True, False, True, True])  # bin 3: no pixel at that |q|
+    np.testing.assert_allclose(bg.fill_empty(prof, count, live)[0], [1, 2, 3, 0, 7, 7])
 
 
 def test_background_image_interpolates_between_bin_centres():
-    q, bins, _index = _pixels()
+    rng = np.random.default_rng(5)
+    q, bins, _index = _pixels(rng)
     line = 2.0 + 5.0 * bins.centres  # a linear profile is reproduced exactly between the first and last centre
-    img = bg.background_image(line[None], bins, q)
+    img = bg.background_image(np.stack([line, 2 * line]), bins, q)
     inside = (q >= bins.centres[0]) & (q <= bins.centres[-1])
     np.testing.assert_allclose(img[0, inside], 2.0 + 5.0 * q[inside], rtol=1e-5)
+    np.testing.assert_allclose(img[1], 2 * img[0], rtol=1e-6)
+    out = bg.background_image(line[None], bins, np.array([-1.0, np.nan, bins.edges[-1] + 0.01, bins.edges[-1]]))
+    np.testing.assert_allclose(out[0], [0.0, 0.0, 0.0, line[-1]], rtol=1e-6)  # outside the bins: 0
+    dead = bg.RadialBins(bins.edges, np.where(np.arange(bins.n_bins) == 10, 0, 1))
+    hole = np.where(dead.live, line, 0.0)  # a dead bin (0 after fill_empty) is bridged, not dipped into
+    np.testing.assert_allclose(bg.background_image(hole[None], dead, q)[0, inside], img[0, inside], rtol=1e-5)
 
 
-def test_fill_empty_interpolates_gaps():
-    prof = np.array([[1.0, 0.0, 3.0, 0.0]])
-    count = np.array([[5, 0, 5, 0]])
-    np.testing.assert_allclose(bg.fill_empty(prof, count), [[1.0, 2.0, 3.0, 3.0]])
+def test_full_agipd_frames_with_bragg_spots():
+    """The real AGIPD-1M shape and default geometry, 4 frames: a rank-3 radial background with bad pixels and
+    bright Bragg spots; with the spot discs excluded, the SVD background image matches the true one."""
+    from data_pipeline.geometry import AGIPD_SHAPE, default_agipd_geometry, pixel_positions, pixel_q
 
-
-def test_virtual_powder_sums_bin_peaks_and_add_up():
-    edges = np.linspace(0, 1, 11)
-    q = [np.array([0.05, 0.25, 0.27]), np.array([0.25]), np.array([])]
-    inten = [np.array([1.0, 2.0, 3.0]), np.array([10.0]), np.array([])]
-    sums, hits = powder.virtual_powder_sums(q, inten, np.array([0, 1, 0]), edges)
-    assert hits.tolist() == [2, 1]
-    assert sums[0, 0] == 1.0 and sums[0, 2] == 5.0 and sums[1, 2] == 10.0 and sums.sum() == 16.0
-    a = powder.virtual_powder_sums(q[:1], inten[:1], np.array([0]), edges)
-    b = powder.virtual_powder_sums(q[1:], inten[1:], np.array([1, 0]), edges)
-    np.testing.assert_array_equal(a[0] + b[0], sums)
-    curves = powder.PowderCurves.from_sums(0.5 * (edges[1:] + edges[:-1]), sums, hits, sums, np.ones_like(sums))
-    assert curves.virtual[0, 2] == 2.5  # per hit
-    again = powder.PowderCurves.from_dict(curves.to_dict())
-    np.testing.assert_array_equal(again.virtual, curves.virtual)
+    rng = np.random.default_rng(6)
+    q = np.linalg.norm(pixel_q(pixel_positions(default_agipd_geometry()), 13.6), axis=-1).reshape(-1)
+    bins, index = bg.make_radial_bins(q, 0.005)
+    assert q.size == 16 * 512 * 128 and np.all(index >= 0) and bins.live.all()
+    truth = (rng.uniform(0.5, 2.0, (4, 3)) @ _shapes(q)).astype(np.float32)  # (4, P)
+    good = (rng.random(truth.shape) > 0.02).astype(np.float32)  # 2 % bad pixels, different in every frame
+    frames = truth.copy()
+    masked = good.copy()
+    for f in range(4):
+        module, ss, fs = rng.integers(0, 16, 30), rng.uniform(0, 511, 30), rng.uniform(0, 127, 30)
+        for k in range(30):  # Gaussian spots (σ = 1 pixel) confined to their radius-4 discs
+            disc = bg.peak_pixels(module[k : k + 1], ss[k : k + 1], fs[k : k + 1], 4.0)
+            _, sd, fd = np.unravel_index(disc, AGIPD_SHAPE)
+            frames[f, disc] += 500.0 * np.exp(-0.5 * ((sd - ss[k]) ** 2 + (fd - fs[k]) ** 2))
+        masked[f, bg.peak_pixels(module, ss, fs, 4.0)] = 0.0
+    prof, count = _profiles(frames, masked, index, bins)
+    clean, _ = _profiles(truth, masked, index, bins)
+    np.testing.assert_allclose(prof, clean, rtol=1e-6)  # the spots are gone from the profiles
+    spotted, _ = _profiles(frames, good, index, bins)
+    assert np.abs(spotted - clean).max() > 1.0
+    prof = bg.fill_empty(prof, count, bins.live)
+    comps = bg.background_components(bg.gram_update(prof, bins.pixels), 3)
+    model = bg.reconstruct(prof, comps, bins.pixels)
+    np.testing.assert_allclose(model, prof, atol=1e-4 * np.abs(prof).max())
+    image = bg.background_image(model, bins, q)
+    assert image.shape == truth.shape and image.dtype == np.float32
+    assert np.abs(image - truth).max() < 0.01 * np.abs(truth).max()  # interpolation between 5 mÅ⁻¹ centres
 
 
 # ------------------------------------------------------------------------------------------------ scaleout
