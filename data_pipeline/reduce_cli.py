@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--background-components", type=_positive_int, default=3, help="SVD components (3)")
     p.add_argument("--unit-frames", type=_positive_int, default=256, help="frames per work unit/checkpoint (256)")
     p.add_argument("--scheduler", help="local:N (Dask LocalCluster of N workers) or tcp://HOST:PORT (default: here)")
-    p.add_argument("--cluster", choices=["slurm"], help="start Dask workers through SLURM (dask-jobqueue)")
+    p.add_argument("--cluster", metavar="slurm[:JOBS|:key=value,...]",
+                   help="Dask workers as SLURM jobs (dask-jobqueue), e.g. slurm:4, slurm:queue=upex")  # fmt: skip
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.set_defaults(func=run)

@@ -451,6 +451,7 @@ def reduce_run(
     config = ReduceConfig() if config is None else config
     run_path, out_path = Path(run_path), check_writable(out_path)
     work = Path(work_dir) if work_dir is not None else out_path.with_name(out_path.stem + ".work")
+    spec = scaleout.parse_scheduler(scheduler, cluster)  # a bad --scheduler fails before any work
     if work.exists() and any(work.iterdir()) and not resume:
         raise InputError(f"{work} holds an earlier reduction; pass --resume to continue it or remove it.")
     work.mkdir(parents=True, exist_ok=True)
@@ -484,7 +485,6 @@ def reduce_run(
         return scaleout.run_stage(name, fn, units, combine=combine_sums, initial=None, executor=executor,
                                   checkpoint=ckpt, resume=resume, progress=progress, fn_args=fn_args)  # fmt: skip
 
-    spec = scaleout.parse_scheduler(scheduler, cluster)
     with scaleout.open_executor(spec) as executor:
         # 1: azimuthal averages and background profiles of every hit
         prof = stage("profiles", profiles_stage, hit_units, (ctx,))
