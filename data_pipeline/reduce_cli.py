@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from data_pipeline.reduce_run import ReduceConfig, format_statistics, reduce_run
+    from data_pipeline.reduce_run import ReduceConfig, format_merge_table, reduce_run
 
     if args.scheduler and args.cluster:
         raise InputError("give either --scheduler or --cluster, not both.")
@@ -53,6 +53,6 @@ def run(args) -> int:
     stats = reduce_run(args.run, out, config=config, index_dir=args.index_dir, work_dir=args.work,
                        scheduler=args.scheduler, cluster=args.cluster, resume=args.resume,
                        progress=not args.quiet, figures=not args.no_figures)  # fmt: skip
-    print(format_statistics(stats))
+    print(format_merge_table(stats))
     log.info("wrote %s", out)
     return 0

@@ -223,16 +223,29 @@ def profiles_stage(unit: Unit, ctx: Context) -> dict:
     }
 
 
-def _crystal_batch(unit: Unit, pos: np.ndarray, setup: _Setup, ctx: Context, *, scales=None, klass_of_frame=True,
-                   keep=None):  # fmt: skip
-    """The padded CrystalBatch of the crystals in frames `pos` (batch slots), with the pixels near their frame's
-    peaks that are not indexed into each crystal excluded. Returns (batch, crystal ids (c,))."""
+class _Crystals(NamedTuple):
+    """The crystals of a batch of frames (one entry each): batch slot, rotation (3, 3), accumulator class,
+    excluded flat pixel indices, crystals.h5 row."""
+
+    slot: list
+    rotation: list
+    klass: list
+    excluded: list
+    ids: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> _Crystals:
+        sel = np.flatnonzero(keep)
+        return _Crystals(*([col[j] for j in sel] for col in self[:4]), self.ids[sel])
+
+
+def _crystals_of(unit: Unit, pos: np.ndarray, setup: _Setup, ctx: Context, *, klass_of_frame=True) -> _Crystals:
+    """The crystals in frames `pos` (batch slots), each with the pixels near its frame's peaks that are not
+    indexed into its lattice excluded (the peak assignment is done here once per batch)."""
     from data_pipeline.geometry import peak_positions, pixel_q
     from data_pipeline.indexing import assign
-    from data_pipeline.merge import pad_crystals
 
-    cfg = ctx.config
-    slot, rot, klass, excluded, ids = [], [], [], [], []
+    out = _Crystals([], [], [], [], np.zeros(0, np.int64))
+    ids = []
     for b, i in enumerate(pos):
         rotations = unit.crystals[i]
         if not len(rotations):
@@ -241,23 +254,24 @@ def _crystal_batch(unit: Unit, pos: np.ndarray, setup: _Setup, ctx: Context, *, 
         q = pixel_q(peak_positions(setup.positions, module, ss, fs), ctx.energy_kev)
         _, dist = assign(np.asarray(rotations, np.float64), q, setup.lattice)
         for c in range(len(rotations)):
-            slot.append(b)
-            rot.append(rotations[c])
-            klass.append(int(unit.klass[i]) if klass_of_frame else 0)
-            excluded.append(_peak_pixels(unit, i, dist[c] > ctx.match_tol, cfg.mask_radius_px))
+            out.slot.append(b)
+            out.rotation.append(rotations[c])
+            out.klass.append(int(unit.klass[i]) if klass_of_frame else 0)
+            out.excluded.append(_peak_pixels(unit, i, dist[c] > ctx.match_tol, ctx.config.mask_radius_px))
             ids.append(unit.crystal_ids[i][c])
-    ids = np.array(ids, np.int64)
-    scale = np.ones(len(ids)) if scales is None else scales
-    if keep is not None:
-        sel = np.flatnonzero(keep)
-        slot, rot, klass = [slot[j] for j in sel], [rot[j] for j in sel], [klass[j] for j in sel]
-        excluded, scale, ids = [excluded[j] for j in sel], np.asarray(scale)[sel], ids[sel]
-    capacity = cfg.batch_frames * _max_crystals(unit)
-    width = max([len(e) for e in excluded] + [1])
+    return out._replace(ids=np.array(ids, np.int64))
+
+
+def _padded(crystals: _Crystals, unit: Unit, setup: _Setup, ctx: Context, scale=None):
+    """The fixed-shape CrystalBatch of `crystals` (scale (c,), default 1)."""
+    from data_pipeline.merge import pad_crystals
+
+    scale = np.ones(len(crystals.ids)) if scale is None else scale
+    capacity = ctx.config.batch_frames * _max_crystals(unit)
+    width = max([len(e) for e in crystals.excluded] + [1])
     width = int(2 ** np.ceil(np.log2(width)))  # a few shapes only: few compilations
-    batch = pad_crystals(slot, np.reshape(rot, (-1, 3, 3)), scale, klass, excluded, capacity=capacity,
-                         n_pixels=setup.det.q_abs.size, width=width)  # fmt: skip
-    return batch, ids
+    return pad_crystals(crystals.slot, np.reshape(crystals.rotation, (-1, 3, 3)), scale, crystals.klass,
+                        crystals.excluded, capacity=capacity, n_pixels=setup.det.q_abs.size, width=width)  # fmt: skip
 
 
 def _max_crystals(unit: Unit) -> int:
@@ -283,10 +297,10 @@ def reference_stage(unit: Unit, ctx: Context) -> dict:
     acc = empty_accumulator(grid, 1)
     n = 0
     for pos, frames, good in _frames_of(unit, setup, cfg.batch_frames, report):
-        batch, ids = _crystal_batch(unit, pos, setup, ctx, klass_of_frame=False)
+        crystals = _crystals_of(unit, pos, setup, ctx, klass_of_frame=False)
         acc = merge_batch(acc, jnp.asarray(_subtracted(frames, unit, pos, setup)), jnp.asarray(good), setup.q_lab_t,
-                          batch, grid=grid, mode=cfg.mode)  # fmt: skip
-        n += len(ids)
+                          _padded(crystals, unit, setup, ctx), grid=grid, mode=cfg.mode)  # fmt: skip
+        n += len(crystals.ids)
     out = add_into(None, acc, grid, 1)
     return {**out, "crystals": n, "report": dict(report.counts)}
 
@@ -307,14 +321,15 @@ def final_stage(unit: Unit, ctx: Context, reference) -> dict:
     cols: dict[str, list] = {"crystal": [], "scale": [], "similarity": [], "n_selected": [], "accepted": []}
     for pos, frames, good in _frames_of(unit, setup, cfg.batch_frames, report):
         intensities, good_j = jnp.asarray(_subtracted(frames, unit, pos, setup)), jnp.asarray(good)
-        batch, ids = _crystal_batch(unit, pos, setup, ctx)
-        stats = crystal_statistics(flat_ref, intensities, good_j, setup.q_lab_t, batch, jnp.float32(ref_mean),
-                                   jnp.float32(setup.a_pc), jnp.float32(cfg.near_peak_px * setup.det.dq_pixel),
-                                   grid=grid, n_brightest=cfg.n_brightest)  # fmt: skip
+        crystals = _crystals_of(unit, pos, setup, ctx)
+        ids = crystals.ids
+        constants = (jnp.float32(ref_mean), jnp.float32(setup.a_pc), jnp.float32(cfg.near_peak_px * setup.det.dq_pixel))
+        stats = crystal_statistics(flat_ref, intensities, good_j, setup.q_lab_t, _padded(crystals, unit, setup, ctx),
+                                   *constants, grid=grid, n_brightest=cfg.n_brightest)  # fmt: skip
         n = len(ids)
         scale, sim, n_sel = (np.asarray(x)[:n] for x in stats)
         accepted = np.isfinite(scale) & (scale > 0) & np.isfinite(sim) & (sim >= cfg.min_similarity)
-        batch, _ = _crystal_batch(unit, pos, setup, ctx, scales=np.nan_to_num(scale), keep=accepted)
+        batch = _padded(crystals.subset(accepted), unit, setup, ctx, scale=np.nan_to_num(scale)[accepted])
         acc = merge_batch(acc, intensities, good_j, setup.q_lab_t, batch, grid=grid, mode=cfg.mode)
         for key, v in zip(cols, (ids, scale, sim, n_sel, accepted), strict=True):
             cols[key].append(v)
@@ -562,7 +577,7 @@ def statistics(p: dict, prof: dict, fin: dict, index_stats: dict, comps, gram, c
     }
 
 
-def format_statistics(stats: dict) -> str:
+def format_merge_table(stats: dict) -> str:
     """The per-class merge table as aligned text (printed at the end of `jaxpolaron reduce`)."""
     rows = ["crystals_indexed", "crystals_seen", "crystals_merged", "rejected_dissimilar", "rejected_no_scale",
             "scale_median", "similarity_median"]  # fmt: skip
