@@ -371,3 +371,145 @@ def plot_slice(
     panel = SlicePanel(axes, data, axis, index, title=title, diverging=diverging, weight=weight, log=log,
                        vmax=vmax, window=window, units=units)  # fmt: skip
     return plot_slice_grid([[panel]], path)
+
+
+# ------------------------------------------------------------------------------------------ fit diagnostics
+def plot_loss_curve(records: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
+    """Loss vs optimiser step, one line per multi-start, the best start (lowest loss reached) highlighted;
+    a second, smaller panel shows the gradient norm when the records have one.
+
+    records: metric dicts as logged by `fitting.runlog.RunLog.log_step`: "loss" (required to be drawn),
+        "step" (default: running index), "start" (multi-start index, default 0), optional "grad_norm".
+    Log y axes where all values are positive (a fit's loss usually is), linear otherwise. Writes the PNG
+    `path` (parents created) and returns it."""
+    plt = _pyplot()
+    starts: dict[int, dict[str, list[float]]] = {}
+    for i, r in enumerate(records):
+        if "loss" not in r:
+            continue
+        s = starts.setdefault(int(r.get("start", 0)), {"step": [], "loss": [], "grad_norm": []})
+        s["step"].append(float(r.get("step", i)))
+        s["loss"].append(float(r["loss"]))
+        s["grad_norm"].append(float(r.get("grad_norm", np.nan)))
+    if not starts:
+        raise ValueError("no records with a 'loss' to plot.")
+
+    def lowest(k: int) -> float:  # lowest finite loss a start reached (a diverged start has none)
+        loss = np.asarray(starts[k]["loss"])
+        return float(loss[np.isfinite(loss)].min(initial=np.inf))
+
+    best = min(starts, key=lowest)
+    keys = [k for k in ("loss", "grad_norm") if any(np.isfinite(v[k]).any() for v in starts.values())]
+    fig, axs = plt.subplots(len(keys), 1, figsize=(6.4, 3.6 + 1.6 * (len(keys) - 1)), sharex=True, squeeze=False,
+                            gridspec_kw={"height_ratios": [3, 1.3][: len(keys)]})  # fmt: skip
+    fig.set_layout_engine("constrained")
+    for ax, key in zip(axs[:, 0], keys, strict=True):
+        others_labelled = False
+        for k, s in sorted(starts.items()):
+            if k == best:
+                ax.plot(s["step"], s[key], color="tab:red", lw=1.8, zorder=3, label=f"start {k} (best)")
+            else:  # the other starts as thin grey context, labelled once
+                ax.plot(s["step"], s[key], color="0.55", lw=0.8, alpha=0.7,
+                        label=None if others_labelled else "other starts")  # fmt: skip
+                others_labelled = True
+        values = np.concatenate([np.asarray(s[key]) for s in starts.values()])
+        values = values[np.isfinite(values)]
+        if values.size and (values > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel("loss" if key == "loss" else "|∇ loss|")
+    axs[0, 0].legend(fontsize=8)
+    axs[-1, 0].set_xlabel("step")
+    if title:
+        axs[0, 0].set_title(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _slice_axes(g: np.ndarray) -> tuple[int, int, int]:
+    """(main, perpendicular, normal) axis indices for a slice through a window at q = G: `main` is G's
+    largest component, `perpendicular` the larger of the other two, `normal` the one sliced across — so G
+    lies as nearly as possible in the plane, also for (111) where `_in_plane_axis` would cut across G's main axis."""
+    g = np.abs(np.asarray(g, float))
+    main = int(np.argmax(g))
+    rest = [i for i in range(3) if i != main]
+    normal = rest[int(np.argmin(g[rest]))]
+    perpendicular = next(i for i in rest if i != normal)
+    return main, perpendicular, normal
+
+
+def plot_peak_comparison(
+    hkls: Sequence[Sequence[int]],
+    centres: np.ndarray,
+    voxel: float,
+    measured: np.ndarray,
+    fitted: np.ndarray,
+    path: str | Path,
+    *,
+    units: str = "counts",
+    title: str = "",
+) -> Path:
+    """Measured vs fitted ΔI through up to four peak windows (like the paper's Fig. 3b vs Fig. 5c).
+
+    A 2 × n grid: rows measured / fitted, one column per peak (the first four). Each panel is the central
+    slice (index m // 2) of the window, in the plane of G's main axis (horizontal) and one perpendicular axis;
+    axes are q − window centre in Å⁻¹. One diverging, zero-centred colour scale per column, shared by
+    measured and fitted: ±(99.5th percentile of |ΔI| over both slices), so a few hot voxels do not wash out
+    the pattern. NaN voxels (no data) are grey.
+
+    Args:
+        hkls: (n,) pseudo-cubic (h, k, l), for the column titles.
+        centres: (n, 3) window-centre q, Å⁻¹ (crystal frame); sets G's direction.
+        voxel: window voxel, Å⁻¹ (sample i sits at centre + voxel (i − m // 2)).
+        measured, fitted: (n, m, m, m) ΔI in `units`.
+        path: PNG path (parents created); returned.
+    """
+    import matplotlib
+
+    plt = _pyplot()
+    centres = np.asarray(centres, float).reshape(-1, 3)
+    measured, fitted = np.asarray(measured, float), np.asarray(fitted, float)
+    if measured.shape != fitted.shape or measured.ndim != 4 or not len(measured) == len(centres) == len(hkls):
+        raise ValueError(f"need measured, fitted (n, m, m, m) and n centres/hkls; got {measured.shape}, "
+                         f"{fitted.shape}, {centres.shape}, {len(hkls)} hkls.")  # fmt: skip
+    n = min(len(hkls), 4)
+    if n == 0:
+        raise ValueError("no peaks to plot.")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=_MASKED_GREY)
+    fig, axs = plt.subplots(2, n, figsize=(3.6 * n + 0.8, 6.4), squeeze=False)
+    fig.set_layout_engine("constrained")
+    try:
+        for j in range(n):
+            main, perp, normal = _slice_axes(centres[j])
+            images = []
+            for volume in (measured[j], fitted[j]):
+                m = volume.shape[normal]
+                # (main, perp) slice through the centre sample; imshow wants rows = vertical axis, hence .T
+                images.append(np.transpose(volume, (main, perp, normal))[:, :, m // 2])
+            both = np.abs(np.concatenate([im.ravel() for im in images]))
+            both = both[np.isfinite(both)]
+            vmax = float(np.percentile(both, 99.5)) if both.size else 0.0
+            vmax = vmax or 1.0
+            qa, qb = ((np.arange(images[0].shape[i]) - images[0].shape[i] // 2) * voxel for i in (0, 1))
+            extent = _edges_extent(qa, qb)
+            for i, (image, row) in enumerate(zip(images, ("measured ΔI", "fitted ΔI"), strict=True)):
+                ax = axs[i, j]
+                im = ax.imshow(np.ma.masked_invalid(image).T, origin="lower", extent=extent, cmap=cmap,
+                               vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="equal")  # fmt: skip
+                ax.set_xlabel(f"Δ{_Q_LABELS[main]} (Å⁻¹)")
+                ax.set_ylabel(f"{row}\nΔ{_Q_LABELS[perp]} (Å⁻¹)" if j == 0 else f"Δ{_Q_LABELS[perp]} (Å⁻¹)")
+            h, k, l = (int(x) for x in hkls[j])
+            axs[0, j].set_title(f"({h} {k} {l})", fontsize=10)
+            fig.colorbar(im, ax=axs[:, j], shrink=0.8, label=f"ΔI ({_units_label(units)})")
+        if title:
+            fig.suptitle(title, fontsize=10)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

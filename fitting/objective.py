@@ -1,0 +1,155 @@
+"""The fit objective: weighted squared residuals of measured vs simulated family-averaged ΔI windows.
+
+    χ²(z) = Σ_v w_v (ΔI_meas,v − s · ΔI_sim,v(z))²,    loss = χ² / 2
+
+over the observed voxels of the chosen peak windows. Weights w_v:
+- "lsq": the effective merge count of the difference, W_d W_p / (W_d + W_p) (a voxel mean of W unit-variance
+  visits has variance 1/W; a difference of two such means 1/W_d + 1/W_p);
+- "poisson": shot noise, 1 / (I_d / W_d + I_p / W_p): a voxel mean of W visits with mean photon count I has
+  variance I / W, so w is an inverse variance in the volume's units when those are photons per visit;
+- "uniform": 1 (noise-free simulated data).
+Scale s (simulation units → measured units):
+- "dark": fixed once from the dark volume, s = Σ W_d D_meas I0_sim / Σ W_d I0_sim² (the model's dark is
+  parameter-free), so amplitudes are absolute (up to the pair occupancy);
+- "free": solved in closed form at every evaluation, s = Σ w ΔI_meas ΔI_sim / Σ w ΔI_sim² (differentiable;
+  only shapes of ΔI are fitted).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from fitting.forward import EnsembleForward
+from fitting.parameters import ParameterSet
+from fitting.windows import MeasuredWindows, WindowLayout, rotate_back, weighted_mean
+from jaxpolaron.deformation.base import Deformation
+from jaxpolaron.errors import InputError
+
+Weighting = Literal["lsq", "poisson", "uniform"]
+ScaleMode = Literal["dark", "free"]
+WEIGHTINGS = ("lsq", "poisson", "uniform")
+SCALE_MODES = ("dark", "free")
+
+
+def voxel_weights(windows: MeasuredWindows, weighting: Weighting) -> np.ndarray:
+    """(n_hkl, m, m, m) weights of the difference (module docstring); 0 where a class has no data."""
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"unknown weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}.")
+    wd, wp = windows.counts_dark.sum(0), windows.counts_pump.sum(0)
+    seen = windows.observed
+    if weighting == "uniform":
+        return seen.astype(float)
+    if weighting == "lsq":
+        return np.where(seen, wd * wp / np.where(seen, wd + wp, 1.0), 0.0)
+    variance = np.maximum(windows.dark, 0.0) / np.where(seen, wd, 1.0) + np.maximum(windows.pump, 0.0) / np.where(
+        seen, wp, 1.0
+    )
+    # a voxel with no photons in either class would get infinite weight: floor its variance at the
+    # smallest nonzero variance of the windows (one photon's worth)
+    positive = variance[seen & (variance > 0)]
+    floor = positive.min() if positive.size else 1.0
+    return np.where(seen, 1.0 / np.maximum(variance, floor), 0.0)
+
+
+class Objective(eqx.Module):
+    """loss(z) = χ²/2 of a parameter vector z (unconstrained); see the module docstring.
+
+    Attributes:
+        forward: ensemble simulation on the member windows.
+        template: the deformation model the fitted parameters are written into.
+        measured: (n_hkl, m, m, m) measured family-averaged ΔI.
+        weights: (n_hkl, m, m, m) voxel weights (0 = not used).
+        counts_dark, counts_pump: (24, n_hkl, m, m, m) per-orientation counts (the averaging weights).
+        dark_scale: () simulation → measured scale from the dark volume (used with scale "dark").
+        parameters: the fitted parameters (static).
+        layout: the window layout (static).
+        scale_mode: "dark" or "free" (static).
+    """
+
+    forward: EnsembleForward
+    template: Deformation
+    measured: Float[Array, "n m m m"]
+    weights: Float[Array, "n m m m"]
+    counts_dark: Float[Array, "24 n m m m"]
+    counts_pump: Float[Array, "24 n m m m"]
+    dark_scale: Float[Array, ""]
+    parameters: ParameterSet = eqx.field(static=True)
+    layout: WindowLayout = eqx.field(static=True)
+    scale_mode: str = eqx.field(static=True)
+
+    def model(self, z: Float[Array, " k"]) -> Deformation:
+        return self.parameters.apply(self.template, z)
+
+    def simulate(self, z: Float[Array, " k"]) -> Float[Array, "n m m m"]:
+        """Family-averaged simulated ΔI (n_hkl, m, m, m) in simulation units (before the scale)."""
+        i0, diff = self.forward(self.model(z))
+        dark = weighted_mean(rotate_back(self.layout, i0), self.counts_dark)
+        pump = weighted_mean(rotate_back(self.layout, i0 + diff), self.counts_pump)
+        return pump - dark
+
+    def scale(self, simulated: Float[Array, "n m m m"]) -> Float[Array, ""]:
+        if self.scale_mode == "dark":
+            return self.dark_scale
+        num = jnp.sum(self.weights * self.measured * simulated)
+        den = jnp.sum(self.weights * simulated**2)
+        return num / jnp.where(den > 0, den, 1.0)
+
+    def predict(self, z: Float[Array, " k"]) -> tuple[Float[Array, "n m m m"], Float[Array, ""]]:
+        """(fitted ΔI in measured units (n_hkl, m, m, m), the scale s)."""
+        sim = self.simulate(z)
+        s = self.scale(sim)
+        return s * sim, s
+
+    def chi2(self, z: Float[Array, " k"]) -> Float[Array, ""]:
+        fitted, _ = self.predict(z)
+        return jnp.sum(self.weights * (self.measured - fitted) ** 2)
+
+    def __call__(self, z: Float[Array, " k"]) -> Float[Array, ""]:
+        return 0.5 * self.chi2(z)
+
+    @property
+    def n_data(self) -> int:
+        return int(np.count_nonzero(np.asarray(self.weights)))
+
+    @property
+    def n_free(self) -> int:
+        """Free parameters: the fitted ones plus the scale when it is solved from ΔI."""
+        return len(self.parameters.names) + (1 if self.scale_mode == "free" else 0)
+
+
+def make_objective(
+    forward: EnsembleForward,
+    template: Deformation,
+    parameters: ParameterSet,
+    windows: MeasuredWindows,
+    *,
+    weighting: Weighting = "poisson",
+    scale_mode: ScaleMode = "dark",
+) -> Objective:
+    """Build the objective; the dark scale is fitted here once (a weighted linear least squares)."""
+    if scale_mode not in SCALE_MODES:
+        raise InputError(f"unknown scale {scale_mode!r}; choose from {', '.join(SCALE_MODES)}.")
+    weights = voxel_weights(windows, weighting)
+    if not np.any(weights > 0):
+        raise InputError("no voxel of the chosen windows has both dark and pumped data.")
+    dark_sim = np.asarray(weighted_mean(rotate_back(windows.layout, forward.dark()), windows.counts_dark))
+    wd = windows.counts_dark.sum(0)
+    den = float(np.sum(wd * dark_sim**2))
+    dark_scale = float(np.sum(wd * windows.dark * dark_sim)) / den if den > 0 else 1.0
+    return Objective(
+        forward=forward,
+        template=template,
+        measured=jnp.asarray(windows.difference),
+        weights=jnp.asarray(weights),
+        counts_dark=jnp.asarray(windows.counts_dark, float),
+        counts_pump=jnp.asarray(windows.counts_pump, float),
+        dark_scale=jnp.asarray(dark_scale),
+        parameters=parameters,
+        layout=windows.layout,
+        scale_mode=scale_mode,
+    )

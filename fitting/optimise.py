@@ -1,0 +1,120 @@
+"""Gradient descent of an objective with any optax optimiser: one jitted step, early stopping, multi-start.
+
+`minimise` runs one start: z ← z + optax update of ∇loss, keeping the best z seen, and stops after
+`patience` steps without a relative improvement of `rel_tol` (or after `max_steps`). `latin_hypercube`
+draws starts in the unconstrained space around the initial guess; `multistart` runs them all and keeps the
+lowest loss. The step is compiled once per (objective structure, optimiser) and reused by every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+StepCallback = Callable[[dict], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """Early stopping: at most `max_steps`; stop after `patience` steps without loss < best · (1 − rel_tol)."""
+
+    max_steps: int = 300
+    patience: int = 30
+    rel_tol: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """One start: best z (n,), its loss, the loss per step and why it stopped."""
+
+    start: int
+    z: np.ndarray
+    loss: float
+    losses: np.ndarray
+    steps: int
+    converged: bool
+
+
+def make_step(optimizer: optax.GradientTransformation):
+    """The jitted step (objective, z, state) → (z', state', loss(z), |∇loss(z)|)."""
+
+    @eqx.filter_jit
+    def step(objective, z, state):
+        loss, grad = jax.value_and_grad(objective)(z)
+        updates, state = optimizer.update(grad, state, z)
+        return optax.apply_updates(z, updates), state, loss, jnp.linalg.norm(grad)
+
+    return step
+
+
+def minimise(
+    objective: Callable[[Float[Array, " n"]], Float[Array, ""]],
+    z0: Float[Array, " n"],
+    optimizer: optax.GradientTransformation,
+    *,
+    stop: StopRule = StopRule(),
+    start: int = 0,
+    step=None,
+    callback: StepCallback | None = None,
+) -> Trajectory:
+    """Minimise `objective` from z0 (see the module docstring); `callback` gets one dict per step."""
+    step = make_step(optimizer) if step is None else step
+    z = jnp.asarray(z0, float)
+    state = optimizer.init(z)
+    best_z, best, since, losses = np.asarray(z), np.inf, 0, []
+    converged = False
+    for i in range(stop.max_steps):
+        z_new, state, loss, gnorm = step(objective, z, state)
+        loss = float(loss)
+        if not np.isfinite(loss):
+            break
+        losses.append(loss)
+        if loss < best * (1.0 - stop.rel_tol) or not np.isfinite(best):
+            since = 0
+        else:
+            since += 1
+        if loss < best:
+            best, best_z = loss, np.asarray(z)
+        if callback is not None:
+            callback({"start": start, "step": i, "loss": loss, "grad_norm": float(gnorm), "z": np.asarray(z).tolist()})
+        if since >= stop.patience:
+            converged = True
+            break
+        z = z_new
+    return Trajectory(start, best_z, float(best), np.asarray(losses), len(losses), converged)
+
+
+def latin_hypercube(z0: np.ndarray, n: int, *, key: Array, half_width: float = 1.0) -> np.ndarray:
+    """n starts (n, d) in the box z0 ± half_width, one per stratum of every axis; start 0 is z0 itself."""
+    z0 = np.asarray(z0, float)
+    d = z0.size
+    if n <= 1:
+        return z0[None]
+    k_perm, k_jit = jax.random.split(key)
+    perms = np.stack([np.asarray(jax.random.permutation(k, n - 1)) for k in jax.random.split(k_perm, d)], 1)
+    u = (perms + np.asarray(jax.random.uniform(k_jit, (n - 1, d)))) / (n - 1)
+    return np.concatenate([z0[None], z0 + half_width * (2.0 * u - 1.0)])
+
+
+def multistart(
+    objective,
+    starts: np.ndarray,
+    optimizer: optax.GradientTransformation,
+    *,
+    stop: StopRule = StopRule(),
+    callback: StepCallback | None = None,
+) -> tuple[Trajectory, list[Trajectory]]:
+    """Run `minimise` from every row of `starts` (n, d); returns (best, all)."""
+    step = make_step(optimizer)
+    runs = [
+        minimise(objective, s, optimizer, stop=stop, start=i, step=step, callback=callback)
+        for i, s in enumerate(starts)
+    ]
+    return min(runs, key=lambda r: r.loss), runs
