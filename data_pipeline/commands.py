@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data_pipeline.index_cli",
     "data_pipeline.reduce_cli",
     "data_pipeline.show_cli",
+    "fitting.fit_cli",
 )
 
 

@@ -48,7 +48,11 @@ def make_step(optimizer: optax.GradientTransformation):
     @eqx.filter_jit
     def step(objective, z, state):
         loss, grad = jax.value_and_grad(objective)(z)
-        updates, state = optimizer.update(grad, state, z)
+        # line-search optimisers (optax.lbfgs) also take the value and the function itself
+        extra = {"value": loss, "grad": grad, "value_fn": objective}
+        if not isinstance(optimizer, optax.GradientTransformationExtraArgs):
+            extra = {}
+        updates, state = optimizer.update(grad, state, z, **extra)
         return optax.apply_updates(z, updates), state, loss, jnp.linalg.norm(grad)
 
     return step

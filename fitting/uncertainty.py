@@ -98,7 +98,7 @@ def laplace(objective, z_hat: np.ndarray) -> Laplace:
     )
 
 
-PROFILE_STOP = StopRule(max_steps=60, patience=10)
+PROFILE_STOP = StopRule(max_steps=30, patience=8)
 
 
 class _Pinned(eqx.Module):

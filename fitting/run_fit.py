@@ -1,0 +1,301 @@
+"""One logged fit, end to end: volume → family-averaged windows → objective → multi-start descent →
+Laplace uncertainties (+ an optional profile) → information criteria → run folder.
+
+Used by `jaxpolaron fit`, `jaxpolaron demo` and the scripts in experiments/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fitting.forward import build_forward, one_pair
+from fitting.objective import SCALE_MODES, WEIGHTINGS, Objective, make_objective
+from fitting.optimise import StopRule, latin_hypercube, multistart
+from fitting.parameters import FIT_MODELS, select, template_model
+from fitting.uncertainty import Laplace, information_criteria, laplace, profile
+from fitting.windows import MeasuredWindows, extract_windows, make_layout
+from jaxpolaron.ensemble import METHODS
+from jaxpolaron.errors import InputError
+from jaxpolaron.excitation import Occupancy
+from jaxpolaron.reciprocal import hkl_label
+from jaxpolaron.structure import CrystalStructure, read_cif
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adabelief": optax.adabelief,
+    "sgd": lambda lr: optax.sgd(lr, momentum=0.9),
+}
+OCCUPANCIES = ("paper", "one-pair")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Everything that defines a fit (saved as config.json in the run folder).
+
+    model/fit/init: model name, fitted parameter names, starting (and fixed) physical values by name.
+    hkls/half: canonical reflections and window half width (voxels) of the family-averaged windows.
+    sizes_nm/gamma_shape/mean_nm/size_weighting: the simulated size ensemble ("peak": each size normalised to
+        its peak, as the reduction's per-crystal scaling does; "number": plain Gamma weights).
+    ions/exponent/centre: scattering factors and crystal cut. occupancy: "paper" (γ0t = 1, γ1/γ0 = 0.4) or
+        "one-pair". method/n_holes/seed: ΔI method, hole samples per size and their PRNG seed.
+    weighting/scale: see fitting.objective. optimizer/learning_rate/max_steps/patience/rel_tol/starts/
+        start_width: the descent (starts drawn in z ± start_width). profile: a parameter to profile, or None.
+    """
+
+    model: str = "random-hole"
+    fit: tuple[str, ...] = ("k_br", "hole_bias", "amplitude")
+    init: dict = dataclasses.field(default_factory=dict)
+    hkls: tuple[tuple[int, int, int], ...] = ((2, 0, 0), (1, 1, 0), (1, 1, 1), (2, 2, 0))
+    half: int = 3
+    sizes_nm: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+    gamma_shape: float = 2.0
+    mean_nm: float = 5.4
+    size_weighting: str = "number"
+    ions: bool = True
+    exponent: float = 5.0
+    centre: str = "Pb"
+    occupancy: str = "paper"
+    method: str = "linear"
+    n_holes: int = 256
+    seed: int = 0
+    weighting: str = "poisson"
+    scale: str = "dark"
+    optimizer: str = "adam"
+    learning_rate: float = 0.05
+    max_steps: int = 300
+    patience: int = 25
+    rel_tol: float = 1e-5
+    starts: int = 4
+    start_width: float = 1.0
+    profile: str | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.model in FIT_MODELS, f"unknown model {self.model!r}; choose from {', '.join(FIT_MODELS)}"),
+            (self.weighting in WEIGHTINGS, f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}"),
+            (self.scale in SCALE_MODES, f"unknown scale {self.scale!r}; choose from {SCALE_MODES}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {tuple(OPTIMIZERS)}"),
+            (self.occupancy in OCCUPANCIES, f"unknown occupancy {self.occupancy!r}; choose from {OCCUPANCIES}"),
+            (self.method in METHODS, f"unknown method {self.method!r}; choose from {METHODS}"),
+            (self.size_weighting in ("number", "peak"), "size weighting must be 'number' or 'peak'"),
+            (self.half >= 1 and self.starts >= 1 and self.max_steps >= 1, "half, starts and steps must be >= 1"),
+            (self.learning_rate > 0 and self.n_holes >= 1, "learning rate and hole samples must be positive"),
+            (self.profile is None or self.profile in self.fit, f"--profile {self.profile} is not a fitted parameter"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message + ".")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOutcome:
+    """What a fit returns: the objective, best z, uncertainties, criteria, the fitted ΔI and the run folder."""
+
+    objective: Objective
+    z: np.ndarray
+    laplace: Laplace
+    criteria: dict
+    fitted: np.ndarray
+    scale: float
+    steps: int
+    seconds: float
+    run_dir: Path | None
+
+    def parameters(self) -> dict[str, dict[str, float]]:
+        return self.laplace.table()
+
+
+def load_windows(volume_path: str | Path, config: FitConfig, structure: CrystalStructure) -> MeasuredWindows:
+    """Family-averaged windows of the full grid in a volume file (one-line errors for unusable files)."""
+    from jaxpolaron.io import read_volume_file
+
+    vf = read_volume_file(volume_path)
+    grids = [v for v in vf.volumes.values() if v.hkl is None]
+    if not grids:
+        raise InputError(f"{volume_path} holds no full grid volume (only peak windows); fitting needs a grid.")
+    volume = grids[0]
+    if volume.pump is None and volume.difference is None:
+        raise InputError(f"{volume_path} has no difference (or pumped) group; nothing to fit.")
+    return extract_windows(volume, lambda voxel: make_layout(structure.q_of_hkl, config.hkls, voxel, config.half))
+
+
+def build_objective(config: FitConfig, windows: MeasuredWindows, structure: CrystalStructure) -> Objective:
+    """The objective of `config` on measured windows."""
+    config.validate()
+    grid = windows.layout.member_grid()
+    occupancy = one_pair() if config.occupancy == "one-pair" else Occupancy()
+    forward = build_forward(
+        structure,
+        grid,
+        sizes_nm=config.sizes_nm,
+        gamma_shape=config.gamma_shape,
+        mean_nm=config.mean_nm,
+        size_weighting=config.size_weighting,  # type: ignore[arg-type]
+        ions=config.ions,
+        exponent=config.exponent,
+        centre=config.centre,
+        occupancy=occupancy,
+        n_holes=_device_multiple(config.n_holes),
+        method=config.method,  # type: ignore[arg-type]
+        key=jax.random.key(config.seed),
+    )
+    species = forward.crystals[0].species_names
+    parameters = select(config.model, config.fit, species, free_scale=config.scale == "free")
+    template = template_model(config.model, structure, forward.crystals[0], config.init)
+    return make_objective(
+        forward,
+        template,
+        parameters,
+        windows,
+        weighting=config.weighting,  # type: ignore[arg-type]
+        scale_mode=config.scale,  # type: ignore[arg-type]
+    )
+
+
+def _device_multiple(n: int) -> int:
+    d = len(jax.devices())
+    return -(-n // d) * d
+
+
+def fit(
+    config: FitConfig,
+    windows: MeasuredWindows,
+    *,
+    structure: CrystalStructure | None = None,
+    out_root: str | Path | None = None,
+    label: str | None = None,
+    inputs: dict | None = None,
+    progress: bool = False,
+) -> FitOutcome:
+    """Run the fit of `config` on `windows`; with `out_root`, log it to a run folder (fitting.runlog)."""
+    from fitting.runlog import PeakComparison, RunLog
+
+    structure = read_cif() if structure is None else structure
+    t0 = time.perf_counter()
+    objective = build_objective(config, windows, structure)
+    params = objective.parameters
+    z0 = params.unconstrained(params.values(objective.template))
+    starts = latin_hypercube(z0, config.starts, key=jax.random.key(config.seed + 1), half_width=config.start_width)
+    runlog = None
+    if out_root is not None:
+        record = {"fit": dataclasses.asdict(config), "inputs": inputs or {}}
+        runlog = RunLog(out_root, label or config.model, record)
+    bar = _progress_bar(config, progress)
+
+    def on_step(record: dict) -> None:
+        x = np.asarray(params.physical(jnp.asarray(record["z"])))
+        record = {**record, "params": dict(zip(params.names, x.tolist(), strict=True))}
+        if runlog is not None:
+            runlog.log_step(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(start=record["start"], loss=f"{record['loss']:.4g}")
+
+    optimizer = OPTIMIZERS[config.optimizer](config.learning_rate)
+    stop = StopRule(config.max_steps, config.patience, config.rel_tol)
+    best, runs = multistart(objective, starts, optimizer, stop=stop, callback=on_step)
+    if bar is not None:
+        bar.close()
+    unc = laplace(objective, best.z)
+    criteria = information_criteria(unc.chi2, objective.n_free, objective.n_data)
+    fitted, scale = objective.predict(jnp.asarray(best.z))
+    result = {
+        "parameters": unc.table(),
+        "sigma_unscaled": dict(zip(unc.names, unc.sigma_unscaled.tolist(), strict=True)),
+        "correlation": unc.correlation.tolist(),
+        "condition": unc.condition,
+        "positive_definite": unc.positive_definite,
+        "chi2": unc.chi2,
+        "chi2_reduced": unc.chi2_reduced,
+        "n_data": unc.n_data,
+        "n_free": unc.n_free,
+        **criteria,
+        "scale": float(scale),
+        "scale_mode": config.scale,
+        "starts": [{"start": r.start, "loss": r.loss, "steps": r.steps, "converged": r.converged} for r in runs],
+        "best_start": best.start,
+    }
+    if config.profile is not None:
+        i = params.names.index(config.profile)
+        centre, sigma = float(unc.values[i]), float(unc.sigma[i])
+        span = 3.0 * sigma if np.isfinite(sigma) and sigma > 0 else 0.3 * abs(centre)
+        values = np.linspace(centre - span, centre + span, 7)
+        if params.transforms[i] == "positive":
+            values = values[values > 0]
+        if params.transforms[i] == "unit":
+            values = values[(values > 0) & (values < 1)]
+        prof = profile(objective, best.z, i, values, optimizer, chi2_reduced=unc.chi2_reduced)
+        result["profile"] = {
+            "name": prof.name,
+            "values": prof.values.tolist(),
+            "chi2": prof.chi2.tolist(),
+            "interval_1sigma": list(prof.interval),
+        }
+    seconds = time.perf_counter() - t0
+    result["seconds"] = seconds
+    run_dir = None
+    if runlog is not None:
+        layout = windows.layout
+        comparison = PeakComparison(
+            hkls=list(layout.hkls),
+            centres=layout.centres(),
+            voxel=layout.voxel,
+            measured=np.asarray(objective.measured),
+            fitted=np.asarray(fitted),
+            units=windows.units,
+        )
+        summary = {
+            "model": config.model,
+            "chi2": round(unc.chi2, 6),
+            "bic": round(criteria["bic"], 3),
+            **{n: float(f"{v:.5g}") for n, v in zip(unc.names, unc.values, strict=True)},
+        }
+        run_dir = runlog.finish(result, summary=summary, comparison=comparison)
+    return FitOutcome(
+        objective=objective,
+        z=np.asarray(best.z),
+        laplace=unc,
+        criteria=criteria,
+        fitted=np.asarray(fitted),
+        scale=float(scale),
+        steps=int(sum(r.steps for r in runs)),
+        seconds=seconds,
+        run_dir=run_dir,
+    )
+
+
+def _progress_bar(config: FitConfig, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.starts * config.max_steps, desc=f"fit {config.model}", unit="step", leave=False)
+
+
+def format_result(outcome: FitOutcome, truth: dict | None = None) -> str:
+    """A plain-text table of the fitted parameters (± 1σ), with the truth when known."""
+    lines = [f"{'parameter':<18}{'value':>12}{'± 1σ':>12}" + (f"{'truth':>12}{'dev/σ':>8}" if truth else "")]
+    for name, v, s in zip(outcome.laplace.names, outcome.laplace.values, outcome.laplace.sigma, strict=True):
+        row = f"{name:<18}{v:>12.5g}{s:>12.3g}"
+        if truth and name in truth:
+            row += f"{truth[name]:>12.5g}{(v - truth[name]) / s if s > 0 else float('nan'):>8.2f}"
+        lines.append(row)
+    lp = outcome.laplace
+    lines.append(
+        f"χ² {lp.chi2:.6g} over {lp.n_data} voxels (χ²_red {lp.chi2_reduced:.3g}); "
+        f"AIC {outcome.criteria['aic']:.6g}, BIC {outcome.criteria['bic']:.6g}; {outcome.steps} steps, "
+        f"{outcome.seconds:.0f} s"
+    )
+    lines.append("windows: " + ", ".join(f"({hkl_label(h)})" for h in outcome.objective.layout.hkls))
+    return "\n".join(lines)
