@@ -69,6 +69,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from fitting.parameters import model_parameters, select
     from fitting.run_fit import FitConfig, fit, format_result, load_windows
     from jaxpolaron.ensemble import validate_sizes
     from jaxpolaron.structure import read_cif
@@ -103,6 +104,11 @@ def run(args) -> int:
     )
     config.validate()
     structure = read_cif()
+    # parameter names and degeneracies are checked before any file is read or anything compiled
+    select(config.model, config.fit, structure.species, free_scale=config.scale == "free")
+    unknown = [n for n in config.init if n not in model_parameters(config.model, structure.species)]
+    if unknown:
+        raise InputError(f"--init names {', '.join(unknown)}, which model {config.model} does not have.")
     windows = load_windows(args.volumes, config, structure)
     outcome = fit(config, windows, structure=structure, out_root=args.out, inputs={"volumes": str(args.volumes)},
                   progress=not args.quiet)  # fmt: skip

@@ -179,3 +179,38 @@ def test_latin_hypercube_strata():
     assert starts.shape == (5, 2) and np.array_equal(starts[0], np.zeros(2))
     for d in range(2):  # one start per quarter of each axis
         assert sorted(np.floor((starts[1:, d] + 1.0) / 0.5).astype(int).tolist()) == [0, 1, 2, 3]
+
+
+def _volume_file(tmp_path, *, with_pump=True):
+    from jaxpolaron.io import write_volume_file
+
+    n = 21
+    axis = 0.05 * (np.arange(n) - n // 2)
+    dark = np.ones((n, n, n))
+    vol = Volume("grid", (axis, axis, axis), dark=dark, pump=dark * 1.01 if with_pump else None, units="counts")
+    return str(write_volume_file(tmp_path / "v.h5", [vol], {}, provenance={}))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--fit", "k_br,bogus"], "has no parameter bogus"),
+        (["--hkl", "400"], "reaches outside the volume"),
+        (["--init", "hole_bias=2"], "must lie in (0, 1)"),
+        (["--scale", "free"], "degenerate with a free overall scale"),
+    ],
+)
+def test_fit_cli_one_line_errors(tmp_path, capsys, extra, message):
+    from jaxpolaron.cli import main
+
+    code = main(["fit", _volume_file(tmp_path), "--out", str(tmp_path / "runs"), "-q", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_fit_cli_needs_a_difference(tmp_path, capsys):
+    from jaxpolaron.cli import main
+
+    code = main(["fit", _volume_file(tmp_path, with_pump=False), "--out", str(tmp_path / "runs"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no difference" in err[0], err
