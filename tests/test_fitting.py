@@ -141,6 +141,7 @@ def test_objective_gradient_matches_finite_differences(structure):
         jax.config.update("jax_enable_x64", False)
 
 
+@pytest.mark.slow  # ~40 s of compiles and 300 steps; keeps CI under its 10-minute budget
 def test_fit_recovers_truth_from_another_engine(structure):
     """ΔI from the direct sum fitted through the separable window engine: k_Br and bias within 5 %.
 
