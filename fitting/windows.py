@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpolaron.errors import InputError
@@ -71,8 +72,6 @@ class WindowLayout:
 
     def member_grid(self) -> Grid:
         """Stacked windows (n_members, m, m, m) around every distinct member centre, for the simulation."""
-        import jax.numpy as jnp
-
         dtype = jnp.result_type(float)
         n = len(self.members)
         return Grid(
@@ -125,14 +124,9 @@ def rotate_back(layout: WindowLayout, member_windows):
     flat = member_windows.reshape(member_windows.shape[0], m**3)
     picked = flat[layout.member_of]  # (24, n_hkl, m³)
     rows = np.broadcast_to(layout.gather[:, None, :], picked.shape)
-    out = np.take_along_axis(picked, rows, axis=-1) if isinstance(picked, np.ndarray) else _take(picked, rows)
+    xp = np if isinstance(picked, np.ndarray) else jnp
+    out = xp.take_along_axis(picked, rows, axis=-1)
     return out.reshape(len(layout.member_of), len(layout.hkls), m, m, m)
-
-
-def _take(a, idx):
-    import jax.numpy as jnp
-
-    return jnp.take_along_axis(a, jnp.asarray(idx), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,12 +233,6 @@ def weighted_mean(values, counts):
 
     numpy or JAX arrays (values (24, ...), counts (24, ...) with the same shape).
     """
-    xp = np if isinstance(values, np.ndarray) and isinstance(counts, np.ndarray) else _jnp()
+    xp = np if isinstance(values, np.ndarray) and isinstance(counts, np.ndarray) else jnp
     total = counts.sum(0)
     return xp.where(total > 0, (counts * values).sum(0) / xp.where(total > 0, total, 1.0), 0.0)
-
-
-def _jnp():
-    import jax.numpy as jnp
-
-    return jnp
