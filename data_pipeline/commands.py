@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data_pipeline.reduce_cli",
     "data_pipeline.show_cli",
     "fitting.fit_cli",
+    "fitting.demo_cli",
 )
 
 

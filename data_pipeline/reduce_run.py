@@ -464,6 +464,10 @@ def reduce_run(
     from jaxpolaron.io import Volume, check_writable, provenance, write_volume_file
 
     config = ReduceConfig() if config is None else config
+    try:  # like the work folder beside it, the output's folder is created (a fresh --out runs/x/vol.h5)
+        Path(out_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder of {out_path} ({e.strerror}).") from None
     run_path, out_path = Path(run_path), check_writable(out_path)
     work = Path(work_dir) if work_dir is not None else out_path.with_name(out_path.stem + ".work")
     spec = scaleout.parse_scheduler(scheduler, cluster)  # a bad --scheduler fails before any work

@@ -50,13 +50,17 @@ def add_parser(sub) -> None:
     p.add_argument("--sizes-nm", default="3,4,5,6,7,8", help="simulated crystal sizes, nm (3,4,5,6,7,8)")
     p.add_argument("--gamma-shape", type=_positive_float, default=2.0, help="Gamma size shape (2.0)")
     p.add_argument("--mean-nm", type=_positive_float, default=5.4, help="Gamma mean size, nm (5.4)")
-    p.add_argument("--size-weighting", default="peak", help="peak (as per-crystal scaling) or number (peak)")
+    p.add_argument(
+        "--size-weighting",
+        default="peak",
+        help="peak (as per-crystal scaling), number, or dark (a size mixture per family fitted to the dark) (peak)",
+    )
     p.add_argument("--occupancy", default="paper", help="paper (P = 0.37, 0.50, 0.13) or one-pair (paper)")
     p.add_argument("--method", default="linear", help="linear, second or exact ΔI (linear)")
     p.add_argument("--holes", type=_positive_int, default=256, help="hole samples per size (256)")
-    p.add_argument("--weighting", default="poisson", help="poisson, lsq (merge counts) or uniform (poisson)")
+    p.add_argument("--weighting", default="poisson", help="poisson, relative, lsq (merge counts) or uniform (poisson)")
     p.add_argument("--scale", default="dark", help="dark (fixed from the dark volume) or free (dark)")
-    p.add_argument("--optimizer", default="adam", help="adam, adabelief or sgd (adam)")
+    p.add_argument("--optimizer", default="adam", help="adam, adabelief, sgd or lbfgs (adam)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (0.05)")
     p.add_argument("--steps", type=_positive_int, default=300, help="maximum steps per start (300)")
     p.add_argument("--patience", type=_positive_int, default=25, help="early stop after this many flat steps (25)")

@@ -35,7 +35,8 @@ class EnsembleForward(eqx.Module):
 
     Attributes:
         crystals: one crystal per sampled size.
-        weights: (n_sizes,) size weights (sum 1 before any peak normalisation).
+        weights: (n_sizes,) size weights (sum 1 before any peak normalisation), or (n_sizes, n_members) weights
+            per member window (`calibrate_to_dark`: one size mixture per reflection family).
         scattering: per-species f(q) at the beam energy.
         grid: stacked member windows (n_members, m, m, m), Å⁻¹.
         occupancy: pair probabilities of the pumped ensemble.
@@ -45,7 +46,7 @@ class EnsembleForward(eqx.Module):
     """
 
     crystals: tuple[Nanocrystal, ...]
-    weights: Float[Array, " n_sizes"]
+    weights: Float[Array, " n_sizes *members"]
     scattering: ScatteringFactors
     grid: Grid
     occupancy: Occupancy
@@ -56,7 +57,8 @@ class EnsembleForward(eqx.Module):
     def dark(self) -> Float[Array, "n_members m m m"]:
         """Σ_s w_s |F_s|² on the windows (independent of the model), electrons²."""
         return sum(
-            w * intensity(c, self.scattering, self.grid) for w, c in zip(self.weights, self.crystals, strict=True)
+            _per_member(w) * intensity(c, self.scattering, self.grid)
+            for w, c in zip(self.weights, self.crystals, strict=True)
         )
 
     def __call__(self, model: Deformation) -> tuple[Float[Array, "n_members m m m"], Float[Array, "n_members m m m"]]:
@@ -74,8 +76,13 @@ class EnsembleForward(eqx.Module):
                 n_holes=self.n_holes,
                 method=self.method,  # type: ignore[arg-type]
             )
-            i0, diff = i0 + w * d_i, diff + w * diff_i
+            i0, diff = i0 + _per_member(w) * d_i, diff + _per_member(w) * diff_i
         return i0, diff
+
+
+def _per_member(w: Array) -> Array:
+    """A size weight, scalar or (n_members,), broadcastable against (n_members, m, m, m) windows."""
+    return w.reshape((*w.shape, 1, 1, 1)) if w.ndim else w
 
 
 def build_forward(
@@ -124,3 +131,37 @@ def one_pair() -> Occupancy:
     """Occupancy with (P0, P1, P2) ≈ (0, 1, 0): every pumped crystal holds one pair (synthetic runs)."""
     # with γ1 = 0 a dot absorbs at most one pair; γ0 t = 40 leaves P0 = e^-40
     return Occupancy(gamma0_t=40.0, gamma_ratio=0.0)
+
+
+def calibrate_to_dark(forward: EnsembleForward, windows) -> EnsembleForward:
+    """The forward with its size weights refitted, per reflection family, to the measured dark windows.
+
+    A merged volume is not the plain Gamma ensemble: indexing succeeds more often on crystals whose strong
+    reflections cross the Ewald sphere (larger ones), and per-crystal scaling, partiality and masking weight
+    them further, differently for each family. The dark needs no deformation model, so it calibrates that
+    effective mixture: for each family f, non-negative weights a_fs minimise Σ_v W_d (D_meas − Σ_s a_fs D_s)²
+    over its window (D_s the family-averaged dark of size s with the measured counts; scipy's NNLS). The same
+    a_fs then weight the sizes' ΔI. Weights absorb the intensity scale (the objective's dark scale becomes ~1).
+    Returns a forward whose weights are (n_sizes, n_members).
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from fitting.windows import rotate_back, weighted_mean
+
+    layout = windows.layout
+    per_size = [
+        np.asarray(
+            weighted_mean(rotate_back(layout, intensity(c, forward.scattering, forward.grid)), windows.counts_dark)
+        )
+        for c in forward.crystals
+    ]
+    visits = windows.counts_dark.sum(0)
+    weights = np.zeros((len(forward.crystals), len(layout.members)))
+    for f in range(len(layout.hkls)):
+        root = np.sqrt(visits[f]).ravel()
+        basis = np.stack([d[f].ravel() * root for d in per_size], axis=1)
+        a, _ = nnls(basis, windows.dark[f].ravel() * root)
+        # every member window of family f (the 24 rotations of its canonical member) gets the family's mixture
+        weights[:, np.unique(layout.member_of[:, f])] = a[:, None]
+    return eqx.tree_at(lambda fw: fw.weights, forward, jnp.asarray(weights, forward.weights.dtype))

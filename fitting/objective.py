@@ -7,6 +7,12 @@ over the observed voxels of the chosen peak windows. Weights w_v:
   visits has variance 1/W; a difference of two such means 1/W_d + 1/W_p);
 - "poisson": shot noise, 1 / (I_d / W_d + I_p / W_p): a voxel mean of W visits with mean photon count I has
   variance I / W, so w is an inverse variance in the volume's units when those are photons per visit;
+- "relative": crystal-to-crystal noise, 1 / (I_d² / W_d + I_p² / W_p): when visits differ mainly by the
+  crystal's size, scale and excitation error (serial data), a visit's spread is proportional to the mean, so
+  bright voxels near the peak centre are the noisiest; up to the squared coefficient of variation (which the
+  reported χ²_red then measures) this is the inverse variance;
+- "scatter": 1 / var, the variance of the averaged difference estimated from the scatter of its 24
+  orientations (`fitting.windows.orientation_scatter`; needs windows extracted from a volume);
 - "uniform": 1 (noise-free simulated data).
 Scale s (simulation units → measured units):
 - "dark": fixed once from the dark volume, s = Σ W_d D_meas I0_sim / Σ W_d I0_sim² (the model's dark is
@@ -30,9 +36,9 @@ from fitting.windows import MeasuredWindows, WindowLayout, rotate_back, weighted
 from jaxpolaron.deformation.base import Deformation
 from jaxpolaron.errors import InputError
 
-Weighting = Literal["lsq", "poisson", "uniform"]
+Weighting = Literal["lsq", "poisson", "relative", "scatter", "uniform"]
 ScaleMode = Literal["dark", "free"]
-WEIGHTINGS = ("lsq", "poisson", "uniform")
+WEIGHTINGS = ("lsq", "poisson", "relative", "scatter", "uniform")
 SCALE_MODES = ("dark", "free")
 
 
@@ -44,11 +50,17 @@ def voxel_weights(windows: MeasuredWindows, weighting: Weighting) -> np.ndarray:
     seen = windows.observed
     if weighting == "uniform":
         return seen.astype(float)
+    if weighting == "scatter":
+        if windows.scatter is None:
+            raise InputError("scatter weighting needs windows extracted from a merged volume.")
+        ok = seen & np.isfinite(windows.scatter) & (windows.scatter > 0)
+        return np.where(ok, 1.0 / np.where(ok, windows.scatter, 1.0), 0.0)
     if weighting == "lsq":
         return np.where(seen, wd * wp / np.where(seen, wd + wp, 1.0), 0.0)
-    variance = np.maximum(windows.dark, 0.0) / np.where(seen, wd, 1.0) + np.maximum(windows.pump, 0.0) / np.where(
-        seen, wp, 1.0
-    )
+    power = 2 if weighting == "relative" else 1
+    variance = np.maximum(windows.dark, 0.0) ** power / np.where(seen, wd, 1.0) + np.maximum(
+        windows.pump, 0.0
+    ) ** power / np.where(seen, wp, 1.0)
     # a voxel with no photons in either class would get infinite weight: floor its variance at the
     # smallest nonzero variance of the windows (one photon's worth)
     positive = variance[seen & (variance > 0)]

@@ -70,8 +70,12 @@ def minimise(
 ) -> Trajectory:
     """Minimise `objective` from z0 (see the module docstring); `callback` gets one dict per step."""
     step = make_step(optimizer) if step is None else step
-    z = jnp.asarray(z0, float)
-    state = optimizer.init(z)
+    # committed to the device like the step's outputs, so the first call compiles the same program as the rest
+    z = jax.device_put(jnp.asarray(z0, float))
+    state = jax.device_put(optimizer.init(z))
+    # a line-search optimiser only accepts steps that lower the loss: a loss no lower than the best means the
+    # search failed (flat or noisy minimum) and the next steps would wander off, so stop there
+    monotone = _has_line_search(state)
     best_z, best, since, losses = np.asarray(z), np.inf, 0, []
     converged = False
     for i in range(stop.max_steps):
@@ -84,15 +88,25 @@ def minimise(
             since = 0
         else:
             since += 1
-        if loss < best:
+        improved = loss < best
+        if improved:
             best, best_z = loss, np.asarray(z)
         if callback is not None:
             callback({"start": start, "step": i, "loss": loss, "grad_norm": float(gnorm), "z": np.asarray(z).tolist()})
-        if since >= stop.patience:
+        if since >= stop.patience or (monotone and not improved):
             converged = True
             break
         z = z_new
     return Trajectory(start, best_z, float(best), np.asarray(losses), len(losses), converged)
+
+
+def _has_line_search(state) -> bool:
+    """Whether an optax state holds a line-search state (optax.lbfgs: zoom; or a backtracking search)."""
+
+    def is_search(x) -> bool:
+        return type(x).__name__.endswith("LinesearchState")
+
+    return any(is_search(x) for x in jax.tree_util.tree_leaves(state, is_leaf=is_search))
 
 
 def latin_hypercube(z0: np.ndarray, n: int, *, key: Array, half_width: float = 1.0) -> np.ndarray:

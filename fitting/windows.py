@@ -139,6 +139,8 @@ class MeasuredWindows:
         counts_dark, counts_pump: (24, n_hkl, m, m, m) merge weights (pixel visits) of every orientation's
             window; zero where the volume has no data. The averaged counts are their sums.
         units: intensity units of the volume.
+        scatter: (n_hkl, m, m, m) variance of the averaged difference estimated from how the 24 orientations
+            scatter about it (`orientation_scatter`), or None (simulated windows).
     """
 
     layout: WindowLayout
@@ -147,6 +149,7 @@ class MeasuredWindows:
     counts_dark: np.ndarray
     counts_pump: np.ndarray
     units: str = "counts"
+    scatter: np.ndarray | None = None
 
     @property
     def difference(self) -> np.ndarray:
@@ -218,14 +221,33 @@ def extract_windows(volume: Volume, layout_for_voxel, *, name: str = "grid") -> 
         return rotate_back(layout, np.stack(sl))
 
     cd, cp = members(w_dark), members(w_pump)
+    md, mp = members(dark), members(pump)
     return MeasuredWindows(
         layout=layout,
-        dark=weighted_mean(members(dark), cd),
-        pump=weighted_mean(members(pump), cp),
+        dark=weighted_mean(md, cd),
+        pump=weighted_mean(mp, cp),
         counts_dark=cd,
         counts_pump=cp,
         units=volume.units,
+        scatter=orientation_scatter(mp - md, cd * cp / np.where(cd + cp > 0, cd + cp, 1.0)),
     )
+
+
+def orientation_scatter(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Variance of the count-weighted mean over orientations, from the orientations' own scatter.
+
+    values, counts: (24, ...) per-orientation means and their visit counts. If orientation R's mean is an
+    average of counts_R visits of per-visit variance σ², the weighted mean has variance σ² / Σ counts, and
+    σ̂² = Σ_R counts_R (x_R − x̄)² / (n − 1) over the n orientations with data. Unlike shot noise this
+    includes the crystal-to-crystal spread (size, scale, excitation error) that dominates serial data.
+    Returns (…) variances; inf where fewer than two orientations have data.
+    """
+    counts = np.where(counts > 0, counts, 0.0)
+    total = counts.sum(0)
+    n = (counts > 0).sum(0)
+    mean = np.asarray(weighted_mean(values, counts))
+    spread = (counts * (values - mean) ** 2).sum(0) / np.maximum(n - 1, 1)
+    return np.where(n >= 2, spread / np.where(total > 0, total, 1.0), np.inf)
 
 
 def weighted_mean(values, counts):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +216,76 @@ def test_fit_cli_needs_a_difference(tmp_path, capsys):
     code = main(["fit", _volume_file(tmp_path, with_pump=False), "--out", str(tmp_path / "runs"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no difference" in err[0], err
+
+
+def test_orientation_scatter_is_the_variance_of_the_weighted_mean():
+    """Orientation means of counts_R unit-variance visits: the estimate averages to 1 / Σ counts."""
+    from fitting.windows import orientation_scatter
+
+    rng = np.random.default_rng(1)
+    counts = rng.integers(1, 20, (24, 2000)).astype(float)
+    counts[:3] = 0.0  # orientations without data are left out
+    values = 5.0 + rng.standard_normal((24, 2000)) / np.sqrt(np.maximum(counts, 1.0))
+    est = orientation_scatter(values, counts)
+    assert np.mean(est * counts.sum(0)) == pytest.approx(1.0, rel=0.03)
+    # the estimate matches the actual scatter of the weighted means around the truth
+    mean = (counts * values).sum(0) / counts.sum(0)
+    assert np.mean((mean - 5.0) ** 2) / np.mean(est) == pytest.approx(1.0, rel=0.1)
+    one = np.zeros((24, 1))
+    one[0] = 3.0
+    assert np.isinf(orientation_scatter(np.ones((24, 1)), one)).all()  # one orientation: no scatter estimate
+
+
+def test_calibrate_to_dark_recovers_a_mixture_per_family(structure):
+    """A 'measured' dark that is a known per-family mixture of two sizes gives back exactly those weights."""
+    from fitting.forward import calibrate_to_dark
+    from jaxpolaron.structure_factor import intensity
+
+    layout = make_layout(structure.q_of_hkl, [(2, 0, 0), (1, 1, 0)], 0.01, 2)
+    fw = build_forward(structure, layout.member_grid(), sizes_nm=[3.0, 4.0], gamma_shape=2.0, mean_nm=5.4)
+    counts = np.random.default_rng(2).integers(1, 5, (24, 2) + (layout.side,) * 3).astype(float)
+    per_size = [np.asarray(weighted_mean(rotate_back(layout, intensity(c, fw.scattering, fw.grid)), counts))
+                for c in fw.crystals]  # fmt: skip
+    a = np.array([[0.7, 0.3], [0.2, 1.1]])  # (family, size), in measured units per electron²
+    dark = np.stack([a[f, 0] * per_size[0][f] + a[f, 1] * per_size[1][f] for f in range(2)])
+    mw = MeasuredWindows(layout, dark, dark, counts, counts)
+    cal = calibrate_to_dark(fw, mw)
+    w = np.asarray(cal.weights)  # (size, member)
+    for f in range(2):
+        members = np.unique(layout.member_of[:, f])
+        assert np.allclose(w[:, members], a[f][:, None], rtol=1e-4)
+    # the calibrated forward reproduces the dark, so the objective's dark scale is 1
+    again = np.asarray(weighted_mean(rotate_back(layout, cal.dark()), counts))
+    assert np.allclose(again, dark, rtol=1e-4, atol=1e-6 * dark.max())
+
+
+def test_poisson_noise_scales_with_the_crystals(structure):
+    from fitting.synthetic import MergeStatistics, with_poisson_noise
+
+    layout = make_layout(structure.q_of_hkl, [(1, 1, 0)], 0.01, 1)
+    shape = (1,) + (layout.side,) * 3
+    clean = MeasuredWindows(layout, np.full(shape, 2.0), np.full(shape, 2.2), np.ones((24, *shape)),
+                            np.ones((24, *shape)))  # fmt: skip
+    stats = MergeStatistics(
+        ((1, 1, 0),), 1, 0.01, np.full(shape, 0.5), np.full(shape, 0.5), np.full(shape, 4.0), (10, 10)
+    )
+    # photons per electron² from the dark: 4 / 2; each class gets 0.5 visits per crystal
+    draws = np.stack([with_poisson_noise(clean, stats, 1000.0, jax.random.key(i)).difference for i in range(200)])
+    assert draws.mean() == pytest.approx(0.4, abs=0.02)  # (2.2 - 2.0) · 2 photons per visit
+    assert draws.var() == pytest.approx(4.0 / 500 + 4.4 / 500, rel=0.1)  # I_d / W_d + I_p / W_p
+    noisy = with_poisson_noise(clean, stats, 1000.0, jax.random.key(0))
+    assert np.allclose(noisy.counts_dark.sum(0), 500.0)
+
+
+def test_line_search_stops_instead_of_wandering_off():
+    """optax.lbfgs on a quadratic: converges, then stops when its line search can no longer lower the loss."""
+
+    class Quadratic(eqx.Module):
+        c: jax.Array
+
+        def __call__(self, z):
+            return jnp.sum((z - self.c) ** 2) + 1.0
+
+    run = minimise(Quadratic(jnp.array([1.0, -2.0])), np.zeros(2), optax.lbfgs(), stop=StopRule(200, 50, 0.0))
+    assert run.steps < 50 and np.isfinite(run.loss)
+    assert np.allclose(run.z, [1.0, -2.0], atol=1e-3)
