@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (see README): `make simulate` and `make test`.
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,8 +10,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup simulate test lint bench
+.PHONY: setup demo simulate test lint bench
 setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jaxpolaron demo --out out/demo
 
 simulate: $(STAMP)
 	mkdir -p out

@@ -59,7 +59,11 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="linear", help="linear, second or exact ΔI (linear)")
     p.add_argument("--holes", type=_positive_int, default=256, help="hole samples per size (256)")
     p.add_argument("--weighting", default="poisson", help="poisson, relative, lsq (merge counts) or uniform (poisson)")
-    p.add_argument("--scale", default="dark", help="dark (fixed from the dark volume) or free (dark)")
+    p.add_argument(
+        "--scale",
+        default="dark",
+        help="dark (fixed from the dark volume), pumped (+ a pumped-class scale, like per-crystal scaling) or free",
+    )
     p.add_argument("--optimizer", default="adam", help="adam, adabelief, sgd or lbfgs (adam)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (0.05)")
     p.add_argument("--steps", type=_positive_int, default=300, help="maximum steps per start (300)")

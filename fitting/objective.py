@@ -18,7 +18,12 @@ Scale s (simulation units → measured units):
 - "dark": fixed once from the dark volume, s = Σ W_d D_meas I0_sim / Σ W_d I0_sim² (the model's dark is
   parameter-free), so amplitudes are absolute (up to the pair occupancy);
 - "free": solved in closed form at every evaluation, s = Σ w ΔI_meas ΔI_sim / Σ w ΔI_sim² (differentiable;
-  only shapes of ΔI are fitted).
+  only shapes of ΔI are fitted);
+- "pumped": the dark scale d for the dark class and a separate closed-form scale c for the pumped class,
+  fitted ΔI = c P_sim − d D_sim with c = Σ w (ΔI_meas + d D_sim) P_sim / Σ w P_sim². A reduction scales every
+  crystal to a common reference, so a change of the overall diffracted intensity on pumping (a Debye–Waller-
+  like loss from the displacements) is scaled away in the measured ΔI; c absorbs it, the rest (shifts,
+  family-dependent changes) is fitted.
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ from jaxpolaron.deformation.base import Deformation
 from jaxpolaron.errors import InputError
 
 Weighting = Literal["lsq", "poisson", "relative", "scatter", "uniform"]
-ScaleMode = Literal["dark", "free"]
+ScaleMode = Literal["dark", "free", "pumped"]
 WEIGHTINGS = ("lsq", "poisson", "relative", "scatter", "uniform")
-SCALE_MODES = ("dark", "free")
+SCALE_MODES = ("dark", "free", "pumped")
 
 
 def voxel_weights(windows: MeasuredWindows, weighting: Weighting) -> np.ndarray:
@@ -80,7 +85,7 @@ class Objective(eqx.Module):
         dark_scale: () simulation → measured scale from the dark volume (used with scale "dark").
         parameters: the fitted parameters (static).
         layout: the window layout (static).
-        scale_mode: "dark" or "free" (static).
+        scale_mode: "dark", "free" or "pumped" (static).
     """
 
     forward: EnsembleForward
@@ -97,11 +102,16 @@ class Objective(eqx.Module):
     def model(self, z: Float[Array, " k"]) -> Deformation:
         return self.parameters.apply(self.template, z)
 
-    def simulate(self, z: Float[Array, " k"]) -> Float[Array, "n m m m"]:
-        """Family-averaged simulated ΔI (n_hkl, m, m, m) in simulation units (before the scale)."""
+    def simulate_classes(self, z: Float[Array, " k"]) -> tuple[Float[Array, "n m m m"], Float[Array, "n m m m"]]:
+        """Family-averaged simulated (dark, pumped) intensities (n_hkl, m, m, m), simulation units."""
         i0, diff = self.forward(self.model(z))
         dark = weighted_mean(rotate_back(self.layout, i0), self.counts_dark)
         pump = weighted_mean(rotate_back(self.layout, i0 + diff), self.counts_pump)
+        return dark, pump
+
+    def simulate(self, z: Float[Array, " k"]) -> Float[Array, "n m m m"]:
+        """Family-averaged simulated ΔI (n_hkl, m, m, m) in simulation units (before the scale)."""
+        dark, pump = self.simulate_classes(z)
         return pump - dark
 
     def scale(self, simulated: Float[Array, "n m m m"]) -> Float[Array, ""]:
@@ -112,7 +122,14 @@ class Objective(eqx.Module):
         return num / jnp.where(den > 0, den, 1.0)
 
     def predict(self, z: Float[Array, " k"]) -> tuple[Float[Array, "n m m m"], Float[Array, ""]]:
-        """(fitted ΔI in measured units (n_hkl, m, m, m), the scale s)."""
+        """(fitted ΔI in measured units (n_hkl, m, m, m), the scale s; for "pumped" the pumped scale c)."""
+        if self.scale_mode == "pumped":
+            dark, pump = self.simulate_classes(z)
+            d = self.dark_scale
+            num = jnp.sum(self.weights * (self.measured + d * dark) * pump)
+            den = jnp.sum(self.weights * pump**2)
+            c = num / jnp.where(den > 0, den, 1.0)
+            return c * pump - d * dark, c
         sim = self.simulate(z)
         s = self.scale(sim)
         return s * sim, s
@@ -131,7 +148,7 @@ class Objective(eqx.Module):
     @property
     def n_free(self) -> int:
         """Free parameters: the fitted ones plus the scale when it is solved from ΔI."""
-        return len(self.parameters.names) + (1 if self.scale_mode == "free" else 0)
+        return len(self.parameters.names) + (1 if self.scale_mode in ("free", "pumped") else 0)
 
 
 def make_objective(

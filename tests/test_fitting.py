@@ -289,3 +289,30 @@ def test_line_search_stops_instead_of_wandering_off():
     run = minimise(Quadratic(jnp.array([1.0, -2.0])), np.zeros(2), optax.lbfgs(), stop=StopRule(200, 50, 0.0))
     assert run.steps < 50 and np.isfinite(run.loss)
     assert np.allclose(run.z, [1.0, -2.0], atol=1e-3)
+
+
+def test_pumped_scale_absorbs_a_per_class_rescaling(structure):
+    """A pumped class rescaled by 0.9 (as per-crystal scaling of a dimmer class does): the "pumped" scale mode
+    finds c = 0.9 · 2.5 and fits exactly at the truth, the "dark" mode cannot."""
+    truth = {"k_br": 0.5, "hole_bias": 0.3}
+    fw, crystal, windows = _tiny_problem(structure, truth, n_holes=8)
+    rescaled = MeasuredWindows(windows.layout, windows.dark, 0.9 * windows.pump, windows.counts_dark,
+                               windows.counts_pump)  # fmt: skip
+    params = select("random-hole", "k_br,hole_bias", crystal.species_names, free_scale=False)
+    z = jnp.asarray(params.unconstrained(truth))
+    template = template_model("random-hole", structure, crystal)
+    pumped = make_objective(fw, template, params, rescaled, weighting="uniform", scale_mode="pumped")
+    _, c = pumped.predict(z)
+    assert float(c) == pytest.approx(0.9 * 2.5, rel=1e-4)
+    assert pumped.n_free == 3
+    dark = make_objective(fw, template, params, rescaled, weighting="uniform", scale_mode="dark")
+    assert float(pumped.chi2(z)) < 1e-6 * float(dark.chi2(z))
+
+
+def test_demo_cli_checks_names_before_any_work(tmp_path, capsys):
+    from jaxpolaron.cli import main
+
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--fit", "amplitude,bogus", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no parameter bogus" in err[0], err
+    assert not (tmp_path / "demo").exists()
