@@ -26,8 +26,8 @@ ended with `block_until_ready`; median; a function whose calls add up to 20 s si
 Steps to converge: `fitting.optimise.minimise` from a fixed start (k_pb +40 %, k_br +40 %, hole_bias −33 %,
 amplitude −40 %) with optax.adam(lr) and with optax.lbfgs() (zoom line search: a step may evaluate the
 objective several times), the same StopRule. Before each run two chained warm-up steps compile the step
-("compile s"): minimise's first step gets uncommitted arrays (jnp.asarray(z0), opt.init), the later ones the
-step's committed outputs, and jit compiles each variant; "wall s" is then run time only. Printed per
+("compile s"; before commit 4c98f17 minimise's first step got uncommitted arrays and compiled a second
+program, it now commits them); "wall s" is then run time only. Printed per
 optimiser: steps run, what stopped it (the stop rule's patience, max steps, or a non-finite loss, at which
 minimise stops and keeps the best z), wall time, s / step, the steps and seconds until the loss first came
 within --reach (1e-3) of L*, the lowest loss of all runs, the best loss, and the relative error of each
