@@ -126,15 +126,19 @@ def run(args) -> int:
 
 
 def _fit(out: Path, run_dir: Path, volume: Path, fitted: tuple[str, ...], structure, *, quiet: bool) -> dict:
+    from fitting.parameters import model_parameters
     from fitting.run_fit import FitConfig, fit, format_result, load_windows
 
     synth = json.loads((run_dir / "config.json").read_text())
-    truth = {k: v for k, v in synth["model"].items() if k in TRUTH}
+    # the run's model settings under the fit's parameter names (synth-run calls the softening softening_a)
+    flag = {"softening": "softening_a"}
+    names = model_parameters(MODEL, structure.species)
+    truth = {n: float(synth["model"][flag.get(n, n)]) for n in names if synth["model"].get(flag.get(n, n)) is not None}
     config = FitConfig(
         model=MODEL,
         fit=fitted,
         # fitted parameters start from the model defaults, the others are held at the truth
-        init={k: v for k, v in truth.items() if k not in fitted and k != "k_cs"},
+        init={k: v for k, v in truth.items() if k not in fitted},
         hkls=HKLS,
         sizes_nm=tuple(synth["synthetic"]["sizes_nm"]),
         gamma_shape=synth["synthetic"]["gamma_shape"],
