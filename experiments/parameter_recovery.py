@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", type=Path, default=DEFAULT_STATS, help="merge statistics (.npz)")
     ap.add_argument("--stats-from", help="make --stats from this reduced volume file first")
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0, help="start at this seed (to continue a stopped run)")
     ap.add_argument("--crystals", type=float, default=15_700.0, help="merged crystals per class")
     ap.add_argument("--noise-free-sizes", default="3,4,5", help="sizes of the noise-free part, nm (3,4,5)")
     ap.add_argument("--noise-free-holes", type=int, default=16, help="hole samples per size, noise-free part (16)")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         sizes = (3.0, 4.0) if args.quick else tuple(float(x) for x in args.poisson_sizes.split(","))
         holes = _device_multiple(16 if args.quick else args.holes)
         part = poisson(structure, layout, sizes, holes, load_stats(args.stats), args.crystals,
-                       3 if args.quick else args.seeds)  # fmt: skip
+                       3 if args.quick else args.seeds, first=args.first_seed)  # fmt: skip
         _write(args.out / "poisson.json", part | {"stats": str(args.stats), "provenance": provenance()})
     result = {"windows": {"hkls": HKLS, "half": HALF, "voxel": VOXEL}, "start": START}
     for name in ("noise_free", "poisson"):
@@ -159,7 +160,7 @@ def noise_free(structure, layout, sizes, holes) -> dict:
     }
 
 
-def poisson(structure, layout, sizes, holes, stats, crystals, seeds) -> dict:
+def poisson(structure, layout, sizes, holes, stats, crystals, seeds, first: int = 0) -> dict:
     """Linear truth and fit, Poisson noise per seed, Laplace σ vs error (module docstring, part 2)."""
     fit_fw, clean, params, template = _problem(structure, layout, sizes, holes, "linear", "linear", TRUTH_POISSON)
     names = params.names
@@ -167,7 +168,7 @@ def poisson(structure, layout, sizes, holes, stats, crystals, seeds) -> dict:
     lbfgs = optax.lbfgs()
     step = make_step(lbfgs)  # one compile for all seeds: only the data arrays of the objective change
     rows = []
-    for seed in range(seeds):
+    for seed in range(first, seeds):
         t0 = time.perf_counter()
         noisy = with_poisson_noise(clean, stats, crystals, jax.random.key(seed))
         obj = make_objective(fit_fw, template, params, noisy, weighting="poisson", scale_mode="dark")
