@@ -40,6 +40,7 @@ from fitting.forward import build_forward
 from fitting.objective import make_objective
 from fitting.optimise import StopRule, make_step, minimise
 from fitting.parameters import select, template_model
+from fitting.run_fit import device_multiple
 from fitting.synthetic import MergeStatistics, simulated_windows, with_poisson_noise
 from fitting.uncertainty import laplace
 from fitting.windows import make_layout
@@ -100,12 +101,12 @@ def main(argv=None) -> int:
     # one file per part, so the two can run at the same time (two processes) and be redone separately
     if args.part in ("noise-free", "both"):
         sizes = (3.0, 4.0) if args.quick else tuple(float(x) for x in args.noise_free_sizes.split(","))
-        part = noise_free(structure, layout, sizes, _device_multiple(8 if args.quick else args.noise_free_holes))
+        part = noise_free(structure, layout, sizes, device_multiple(8 if args.quick else args.noise_free_holes))
         print("noise-free:", json.dumps(part), flush=True)
         _write(args.out / "noise_free.json", part | {"provenance": provenance()})
     if args.part in ("poisson", "both"):
         sizes = (3.0, 4.0) if args.quick else tuple(float(x) for x in args.poisson_sizes.split(","))
-        holes = _device_multiple(16 if args.quick else args.holes)
+        holes = device_multiple(16 if args.quick else args.holes)
         part = poisson(structure, layout, sizes, holes, load_stats(args.stats), args.crystals,
                        3 if args.quick else args.seeds, first=args.first_seed)  # fmt: skip
         _write(args.out / "poisson.json", part | {"stats": str(args.stats), "provenance": provenance()})
@@ -117,11 +118,6 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text(summary)
     print(summary)
     return 0
-
-
-def _device_multiple(n: int) -> int:
-    d = len(jax.devices())
-    return -(-n // d) * d
 
 
 def _write(path: Path, result: dict) -> None:

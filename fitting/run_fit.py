@@ -151,7 +151,7 @@ def build_objective(config: FitConfig, windows: MeasuredWindows, structure: Crys
         exponent=config.exponent,
         centre=config.centre,
         occupancy=occupancy,
-        n_holes=_device_multiple(config.n_holes),
+        n_holes=device_multiple(config.n_holes),
         method=config.method,  # type: ignore[arg-type]
         key=jax.random.key(config.seed),
     )
@@ -170,7 +170,8 @@ def build_objective(config: FitConfig, windows: MeasuredWindows, structure: Crys
     )
 
 
-def _device_multiple(n: int) -> int:
+def device_multiple(n: int) -> int:
+    """n rounded up to a multiple of the local devices (hole samples are sharded over them)."""
     d = len(jax.devices())
     return -(-n // d) * d
 
