@@ -21,7 +21,7 @@ from fitting.forward import build_forward, calibrate_to_dark, one_pair
 from fitting.objective import SCALE_MODES, WEIGHTINGS, Objective, make_objective
 from fitting.optimise import StopRule, latin_hypercube, multistart
 from fitting.parameters import FIT_MODELS, select, template_model
-from fitting.uncertainty import Laplace, information_criteria, laplace, profile
+from fitting.uncertainty import Laplace, Profile, information_criteria, laplace, profile, scan_step
 from fitting.windows import MeasuredWindows, extract_windows, make_layout
 from jaxpolaron.ensemble import METHODS
 from jaxpolaron.errors import InputError
@@ -116,6 +116,7 @@ class FitOutcome:
     steps: int
     seconds: float
     run_dir: Path | None
+    profile: Profile | None = None
 
     def parameters(self) -> dict[str, dict[str, float]]:
         return self.laplace.table()
@@ -234,21 +235,17 @@ def fit(
         "starts": [{"start": r.start, "loss": r.loss, "steps": r.steps, "converged": r.converged} for r in runs],
         "best_start": best.start,
     }
+    prof = None
     if config.profile is not None:
         i = params.names.index(config.profile)
-        centre, sigma = float(unc.values[i]), float(unc.sigma[i])
-        span = 3.0 * sigma if np.isfinite(sigma) and sigma > 0 else 0.3 * abs(centre)
-        values = np.linspace(centre - span, centre + span, 7)
-        if params.transforms[i] == "positive":
-            values = values[values > 0]
-        if params.transforms[i] == "unit":
-            values = values[(values > 0) & (values < 1)]
-        prof = profile(objective, best.z, i, values, optimizer, chi2_reduced=unc.chi2_reduced)
+        dz = scan_step(unc, params, best.z, i)
+        prof = profile(objective, best.z, i, n_sigma=2.0, dz=dz, chi2_reduced=unc.chi2_reduced)
         result["profile"] = {
             "name": prof.name,
             "values": prof.values.tolist(),
             "chi2": prof.chi2.tolist(),
-            "interval_1sigma": list(prof.interval),
+            "interval_1sigma": list(prof.interval(1.0)),
+            "interval_2sigma": list(prof.interval(2.0)),
         }
     seconds = time.perf_counter() - t0
     result["seconds"] = seconds
@@ -270,6 +267,12 @@ def fit(
             **{n: float(f"{v:.5g}") for n, v in zip(unc.names, unc.values, strict=True)},
         }
         run_dir = runlog.finish(result, summary=summary, comparison=comparison)
+        if prof is not None:
+            from jaxpolaron.plotting import plot_profile
+
+            intervals = {"2σ": prof.interval(2.0), "1σ": prof.interval(1.0)}
+            plot_profile(prof.name, prof.values, prof.chi2, prof.unit, run_dir / "profile.png", intervals=intervals,
+                         title=run_dir.name)  # fmt: skip
     return FitOutcome(
         objective=objective,
         z=np.asarray(best.z),
@@ -280,6 +283,7 @@ def fit(
         steps=int(sum(r.steps for r in runs)),
         seconds=seconds,
         run_dir=run_dir,
+        profile=prof,
     )
 
 
@@ -305,5 +309,9 @@ def format_result(outcome: FitOutcome, truth: dict | None = None) -> str:
         f"AIC {outcome.criteria['aic']:.6g}, BIC {outcome.criteria['bic']:.6g}; {outcome.steps} steps, "
         f"{outcome.seconds:.0f} s"
     )
+    if outcome.profile is not None:
+        (a, b), (c, d) = outcome.profile.interval(1.0), outcome.profile.interval(2.0)
+        lines.append(f"profile of {outcome.profile.name}: 1σ [{a:.4g}, {b:.4g}], 2σ [{c:.4g}, {d:.4g}] "
+                     f"(Δχ² = 1 and 4 × {outcome.profile.unit:.3g}; NaN: not reached)")  # fmt: skip
     lines.append("windows: " + ", ".join(f"({hkl_label(h)})" for h in outcome.objective.layout.hkls))
     return "\n".join(lines)

@@ -430,6 +430,46 @@ def plot_loss_curve(records: Sequence[dict], path: str | Path, *, title: str = "
     return path
 
 
+def plot_profile(
+    name: str,
+    values: np.ndarray,
+    chi2: np.ndarray,
+    unit: float,
+    path: str | Path,
+    *,
+    intervals: dict[str, tuple[float, float]] | None = None,
+    title: str = "",
+) -> Path:
+    """Δχ² along one parameter (a `fitting.uncertainty.Profile`): points and line, the 1σ and 2σ levels
+    (Δχ² = unit and 4·unit) dashed, and the intervals shaded. Log x axis when the scan spans > 2 decades of a
+    positive parameter. Writes the PNG `path` and returns it."""
+    plt = _pyplot()
+    values, delta = np.asarray(values, float), np.asarray(chi2, float) - np.min(chi2)
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), layout="constrained")
+    ax.plot(values, delta, "o-", color="tab:blue", ms=3.5, lw=1.2)
+    for n, colour in ((1, "tab:green"), (2, "tab:orange")):
+        ax.axhline(n * n * unit, color=colour, ls="--", lw=0.9, label=f"{n}σ: Δχ² = {n * n * unit:.3g}")
+    lo_x, hi_x = values.min(), values.max()
+    for label, (lo, hi) in sorted((intervals or {}).items(), reverse=True):  # the wider 2σ first, 1σ over it
+        lo, hi = (lo_x if not np.isfinite(lo) else lo), (hi_x if not np.isfinite(hi) else hi)
+        ax.axvspan(lo, hi, color="0.85" if label.startswith("2") else "0.7", zorder=0, label=f"{label} interval")
+    if (values > 0).all() and hi_x / lo_x > 100:
+        ax.set_xscale("log")
+    ax.set_ylim(0, max(6.0 * unit, float(delta[delta <= 8 * unit].max(initial=0.0)) * 1.1))
+    ax.set_xlabel(name)
+    ax.set_ylabel("Δχ² (others re-fitted)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _slice_axes(g: np.ndarray) -> tuple[int, int, int]:
     """(main, perpendicular, normal) axis indices for a slice through a window at q = G: `main` is G's
     largest component, `perpendicular` the larger of the other two, `normal` the one sliced across — so G

@@ -13,7 +13,7 @@ from fitting.forward import build_forward, one_pair
 from fitting.objective import make_objective, voxel_weights
 from fitting.optimise import StopRule, latin_hypercube, minimise
 from fitting.parameters import select, template_model, to_physical, to_unconstrained
-from fitting.uncertainty import information_criteria, laplace
+from fitting.uncertainty import information_criteria, laplace, profile
 from fitting.windows import MeasuredWindows, cubic_rotations, extract_windows, make_layout, rotate_back, weighted_mean
 from jaxpolaron.ensemble import pumped_difference
 from jaxpolaron.errors import InputError
@@ -316,3 +316,44 @@ def test_demo_cli_checks_names_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no parameter bogus" in err[0], err
     assert not (tmp_path / "demo").exists()
+
+
+class _GaussianChi2(eqx.Module):
+    """χ² = (x − c)ᵀ C⁻¹ (x − c) in the physical values x of (amplitude, hole_bias): the shape `laplace` and
+    `profile` need (parameters, chi2, n_data, n_free, loss = χ²/2), with a known covariance C."""
+
+    parameters: object = eqx.field(static=True)
+    centre: jax.Array
+    inverse: jax.Array
+    n_data: int = eqx.field(static=True, default=100)
+    n_free: int = eqx.field(static=True, default=2)
+
+    def chi2(self, z):
+        r = self.parameters.physical(z) - self.centre
+        return r @ self.inverse @ r
+
+    def __call__(self, z):
+        return 0.5 * self.chi2(z)
+
+
+@pytest.mark.parametrize("centre_bias", [0.5, 0.06])
+def test_profile_interval_is_the_marginal_sigma_and_stops_at_the_bound(structure, centre_bias):
+    """For χ² quadratic in x the profile's Δχ² = 1 interval is x̂ ± the marginal σ (= Laplace σ), whatever the
+    correlation; near the bound 0 of the bias the 2σ interval ends at 0 instead of below it."""
+    params = select("random-hole", "amplitude,hole_bias", structure.species, free_scale=False)
+    sig, rho = np.array([0.004, 0.1]), 0.8
+    cov = np.outer(sig, sig) * np.array([[1.0, rho], [rho, 1.0]])
+    centre = np.array([0.02, centre_bias])
+    toy = _GaussianChi2(params, jnp.asarray(centre), jnp.asarray(np.linalg.inv(cov)))
+    z_hat = params.unconstrained({"amplitude": centre[0], "hole_bias": centre[1]})
+    unc = laplace(toy, z_hat)
+    assert unc.sigma[1] == pytest.approx(0.1, rel=1e-3)
+    prof = profile(toy, z_hat, 1, n_sigma=2.0, dz=0.05)
+    lo, hi = prof.interval(1.0)
+    assert hi == pytest.approx(centre_bias + 0.1, abs=0.004)
+    if centre_bias == 0.5:
+        assert lo == pytest.approx(centre_bias - 0.1, abs=0.004)
+        assert prof.interval(2.0) == pytest.approx((0.3, 0.7), abs=0.006)
+    else:  # 0.06 − 0.2 < 0: the scan runs into the constraint
+        assert prof.bounds[0] == 0.0 and prof.interval(2.0)[0] == 0.0
+        assert prof.interval(2.0)[1] == pytest.approx(centre_bias + 0.2, abs=0.006)
