@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from fitting.optimise import StopRule, make_step, minimise
-from fitting.parameters import to_physical
+from fitting.parameters import to_physical, to_unconstrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,17 +171,16 @@ def profile(
 ) -> Profile:
     """Profile χ² of parameter `index` outward from the optimum z_hat until Δχ² > n_sigma² · max(χ²_red, 1).
 
-    The scan walks in the unconstrained z of the parameter in steps of `dz` (a step of the order of its Laplace
-    σ_z keeps the re-fits short; doubled, up to 1, where χ² rises by less than a quarter σ per step), on each side
-    of ẑ, and re-fits the others from the previous point's optimum
-    (continuation: a curved valley is followed instead of re-entered from ẑ). A bounded parameter stops at
-    |z| = Z_LIMIT, i.e. at its constraint. Unlike the Laplace σ this holds where χ² is not quadratic in the
-    parameter, e.g. the hole bias, whose valley is flat on one side and reaches its bounds.
+    The scan walks in the unconstrained z of the parameter, on each side of ẑ, in steps of `dz` (of the order
+    of its Laplace σ_z, so the re-fits stay short; doubled, up to 1, where χ² rises by less than a quarter σ per
+    step), and re-fits the others from the previous point's optimum (continuation: a curved valley is followed
+    instead of re-entered from ẑ). A bounded parameter stops at |z| = Z_LIMIT, i.e. at its constraint. Unlike
+    the Laplace σ this holds where χ² is not quadratic in the parameter, e.g. the hole bias, whose valley is
+    flat on one side and reaches its bounds.
     """
     params = objective.parameters
     transform = params.transforms[index]
     z_hat = np.asarray(z_hat, float)
-    others = [i for i in range(len(z_hat)) if i != index]
     step = _default_step() if optimizer is None else make_step(optimizer)
     optimizer = PROFILE_OPTIMIZER if optimizer is None else optimizer
     unit = max(chi2_reduced, 1.0)
@@ -189,16 +188,13 @@ def profile(
     points = {float(z_hat[index]): best}
     reached: list[float | None] = []
     for side in (-1.0, 1.0):
-        rest, z_i, bound, step_z, previous = z_hat[others], float(z_hat[index]), None, dz, best
+        rest, z_i, bound, step_z, previous = np.delete(z_hat, index), float(z_hat[index]), None, dz, best
         for _ in range(max_points):
             z_i += side * step_z
             if transform != "free" and abs(z_i) > Z_LIMIT:
                 bound = _bound(transform, side)
                 break
-            pinned = _Pinned(objective, jnp.asarray(z_i), index)
-            if others:
-                rest = minimise(pinned, rest, optimizer, stop=stop, step=step).z
-            chi2 = float(objective.chi2(pinned.full(jnp.asarray(rest))))
+            rest, chi2 = _pinned_fit(objective, rest, index, z_i, optimizer, stop, step)
             points[z_i] = chi2
             best = min(best, chi2)
             if chi2 > best + n_sigma**2 * unit:
@@ -211,6 +207,34 @@ def profile(
     values = np.asarray(to_physical(transform, jnp.asarray(zs)), float)
     chi2s = np.array([points[z] for z in zs])
     return Profile(params.names[index], values, chi2s, unit, (reached[0], reached[1]))
+
+
+def profiled_chi2(
+    objective,
+    z_hat: np.ndarray,
+    index: int,
+    value: float,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    stop: StopRule = PROFILE_STOP,
+) -> float:
+    """χ² with parameter `index` held at the physical `value` and the others re-fitted from ẑ: one point of the
+    profile. χ²(value) − min χ² ≤ n² · max(χ²_red, 1) says `value` lies in the profile's nσ interval (the
+    likelihood-ratio test), at the cost of one re-fit instead of a scan."""
+    step = _default_step() if optimizer is None else make_step(optimizer)
+    optimizer = PROFILE_OPTIMIZER if optimizer is None else optimizer
+    z_hat = np.asarray(z_hat, float)
+    rest = np.delete(z_hat, index)
+    z_value = to_unconstrained(objective.parameters.transforms[index], value)
+    return _pinned_fit(objective, rest, index, z_value, optimizer, stop, step)[1]
+
+
+def _pinned_fit(objective, rest: np.ndarray, index: int, z_value: float, optimizer, stop, step):
+    """(re-fitted other z, χ²) with z[index] = z_value, starting from `rest`."""
+    pinned = _Pinned(objective, jnp.asarray(z_value), index)
+    if rest.size:
+        rest = minimise(pinned, rest, optimizer, stop=stop, step=step).z
+    return rest, float(objective.chi2(pinned.full(jnp.asarray(rest))))
 
 
 @functools.cache

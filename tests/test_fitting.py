@@ -13,7 +13,7 @@ from fitting.forward import build_forward, one_pair
 from fitting.objective import make_objective, voxel_weights
 from fitting.optimise import StopRule, latin_hypercube, minimise
 from fitting.parameters import select, template_model, to_physical, to_unconstrained
-from fitting.uncertainty import information_criteria, laplace, profile
+from fitting.uncertainty import information_criteria, laplace, profile, profiled_chi2
 from fitting.windows import MeasuredWindows, cubic_rotations, extract_windows, make_layout, rotate_back, weighted_mean
 from jaxpolaron.ensemble import pumped_difference
 from jaxpolaron.errors import InputError
@@ -348,6 +348,8 @@ def test_profile_interval_is_the_marginal_sigma_and_stops_at_the_bound(structure
     z_hat = params.unconstrained({"amplitude": centre[0], "hole_bias": centre[1]})
     unc = laplace(toy, z_hat)
     assert unc.sigma[1] == pytest.approx(0.1, rel=1e-3)
+    # one profile point by itself: the likelihood-ratio test of a value, Δχ² = ((b − b̂)/σ_b)²
+    assert profiled_chi2(toy, z_hat, 1, centre_bias + 0.15) == pytest.approx(1.5**2, rel=1e-3)
     prof = profile(toy, z_hat, 1, n_sigma=2.0, dz=0.05)
     lo, hi = prof.interval(1.0)
     assert hi == pytest.approx(centre_bias + 0.1, abs=0.004)
