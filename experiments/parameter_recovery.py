@@ -6,14 +6,14 @@
 A Gamma size ensemble (shape 2, mean 5.4 nm; paper occupancy) pumped with a random hole of known
 k_Pb/k_Cs, k_Br/k_Cs, hole bias and amplitude.
 
-1. Noise-free (`--noise-free-sizes`, default 3,4,5 nm): the truth is simulated with the *exact* ΔI method
-   (|F|² averaged over hole samples), the fit uses the *second-order* method (first-order term of the mean
-   field + per-sample second-order terms) on the same hole samples: the same physics through another code
-   path. (The linear method alone is not accurate for a random hole: the hole-averaged field is much smaller
-   than each sample's, so the per-sample second-order terms are comparable to the first-order one; at
+1. Noise-free (`--noise-free-sizes`, default 3,4 nm, `--noise-free-holes` 8): the truth is simulated with
+   the *exact* ΔI method (|F|² averaged over hole samples), the fit uses the *second-order* method (first-order
+   term of the mean field + per-sample second-order terms) on the same hole samples: the same physics through
+   another code path. (The linear method alone is not accurate for a random hole: the hole-averaged field is
+   much smaller than each sample's, so the per-sample second-order terms are comparable to the first-order one; at
    amplitude 0.02 Å the linear ΔI is ~60 % off the exact one, the second-order ~30 %; at 0.005 Å 23 % and
-   1.7 %, which is why the truth amplitude here is 0.005 Å.) L-BFGS from a start 30–50 % off in every
-   parameter; relative error of each parameter.
+   1.7 %; the error of the second-order method falls as amplitude², so the default truth amplitude here is
+   0.003 Å.) L-BFGS from a start 40–67 % off in every parameter; relative error of each parameter.
 2. Poisson noise at `--crystals` merged crystals per class (the paper: ~15,700), sizes `--poisson-sizes`:
    the photon statistics per crystal (pixel visits per voxel, dark photons per visit) come from a real
    reduction of a synthetic run (`fitting.synthetic.MergeStatistics`, stored in STATS.npz) and are scaled to
@@ -51,9 +51,9 @@ from fitting.windows import make_layout
 from jaxpolaron.io import provenance
 from jaxpolaron.structure import read_cif
 
-TRUTH = {"amplitude": 0.005, "k_pb": 0.8, "k_br": 0.5, "hole_bias": 0.3}
+TRUTH = {"amplitude": 0.003, "k_pb": 0.8, "k_br": 0.5, "hole_bias": 0.3}  # amplitude: --noise-free-amplitude
 TRUTH_POISSON = {"amplitude": 0.02, "k_pb": 0.8, "k_br": 0.5, "hole_bias": 0.3}  # the package's amplitude
-START = {"amplitude": 0.003, "k_pb": 1.2, "k_br": 0.75, "hole_bias": 0.5}
+START_FACTOR = {"amplitude": 0.6, "k_pb": 1.5, "k_br": 1.5, "hole_bias": 5.0 / 3.0}  # noise-free start / truth
 HKLS = ((2, 0, 0), (1, 1, 0), (1, 1, 1), (2, 2, 0))
 HALF = 3
 VOXEL = 2.0 / 256  # the reduction's default grid: 257 samples over ±1 Å⁻¹
@@ -90,8 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--first-seed", type=int, default=0, help="start at this seed (to continue a stopped run)")
     ap.add_argument("--crystals", type=float, default=15_700.0, help="merged crystals per class")
-    ap.add_argument("--noise-free-sizes", default="3,4,5", help="sizes of the noise-free part, nm (3,4,5)")
-    ap.add_argument("--noise-free-holes", type=int, default=16, help="hole samples per size, noise-free part (16)")
+    # the second-order fit costs ~1 min per L-BFGS step on 2 CPU cores with 3-5 nm and 16 holes: defaults that
+    # finish in a session there
+    ap.add_argument("--noise-free-sizes", default="3,4", help="sizes of the noise-free part, nm (3,4)")
+    ap.add_argument("--noise-free-holes", type=int, default=8, help="hole samples per size, noise-free part (8)")
+    ap.add_argument("--noise-free-amplitude", type=float, default=TRUTH["amplitude"], help="truth amplitude, Å")
     ap.add_argument("--holes", type=int, default=64, help="hole samples per size, Poisson part (64)")
     ap.add_argument("--poisson-sizes", default="3,4,5,6,7,8", help="sizes of the Poisson part, nm (3,...,8)")
     ap.add_argument(
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
     # one file per part, so the two can run at the same time (two processes) and be redone separately
     if args.part in ("noise-free", "both"):
         sizes = (3.0, 4.0) if args.quick else tuple(float(x) for x in args.noise_free_sizes.split(","))
-        part = noise_free(structure, layout, sizes, device_multiple(8 if args.quick else args.noise_free_holes))
+        holes = device_multiple(8 if args.quick else args.noise_free_holes)
+        part = noise_free(structure, layout, sizes, holes, args.noise_free_amplitude)
         print("noise-free:", json.dumps(part), flush=True)
         _write(args.out / "noise_free.json", part | {"provenance": provenance()})
     if args.part in ("poisson", "both"):
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
                        3 if args.quick else args.seeds, first=args.first_seed,
                        profiled=tuple(n for n in args.profile.split(",") if n), intervals=args.intervals)  # fmt: skip
         _write(args.out / "poisson.json", part | {"stats": str(args.stats), "provenance": provenance()})
-    result = {"windows": {"hkls": HKLS, "half": HALF, "voxel": VOXEL}, "start": START}
+    result = {"windows": {"hkls": HKLS, "half": HALF, "voxel": VOXEL}}
     for name in ("noise_free", "poisson"):
         if (args.out / f"{name}.json").is_file():
             result[name] = json.loads((args.out / f"{name}.json").read_text())
@@ -148,28 +152,32 @@ def _problem(structure, layout, sizes, holes, truth_method, fit_method, truth):
     return fit_fw, clean, params, template_model("random-hole", structure, crystal)
 
 
-def noise_free(structure, layout, sizes, holes) -> dict:
-    """Exact-method truth, second-order fit from START (module docstring, part 1)."""
+def noise_free(structure, layout, sizes, holes, amplitude: float) -> dict:
+    """Exact-method truth, second-order fit from truth × START_FACTOR (module docstring, part 1)."""
     t0 = time.perf_counter()
-    fit_fw, clean, params, template = _problem(structure, layout, sizes, holes, "exact", "second", TRUTH)
+    truth = TRUTH | {"amplitude": amplitude}
+    start = {n: v * START_FACTOR[n] for n, v in truth.items()}
+    fit_fw, clean, params, template = _problem(structure, layout, sizes, holes, "exact", "second", truth)
     t_truth = time.perf_counter() - t0
     print(f"noise-free truth simulated in {t_truth:.0f} s", flush=True)
     obj = make_objective(fit_fw, template, params, clean, weighting="uniform", scale_mode="dark")
 
     def progress(d: dict) -> None:  # each second-order step takes minutes on a CPU: show that it moves
+        now = dict(zip(params.names, np.asarray(params.physical(jnp.asarray(d["z"]))).round(5).tolist(), strict=True))
         print(
-            f"  step {d['step']}: loss {d['loss']:.6g}, |grad| {d['grad_norm']:.3g}, "
+            f"  step {d['step']}: loss {d['loss']:.6g}, |grad| {d['grad_norm']:.3g}, {now}, "
             f"{time.perf_counter() - t0 - t_truth:.0f} s",
             flush=True,
         )
 
-    run = minimise(obj, params.unconstrained(START), optax.lbfgs(), stop=StopRule(80, 5, 1e-9), callback=progress)
+    run = minimise(obj, params.unconstrained(start), optax.lbfgs(), stop=StopRule(80, 5, 1e-9), callback=progress)
     got = dict(zip(params.names, np.asarray(params.physical(jnp.asarray(run.z))).tolist(), strict=True))
     return {
-        "truth": TRUTH,
+        "truth": truth,
+        "start": start,
         "ensemble": {"sizes_nm": sizes, "holes": holes, "truth_method": "exact", "fit_method": "second"},
         "fit": got,
-        "relative_error": {n: got[n] / TRUTH[n] - 1.0 for n in params.names},
+        "relative_error": {n: got[n] / truth[n] - 1.0 for n in params.names},
         "steps": run.steps,
         "truth_seconds": t_truth,
         "seconds": time.perf_counter() - t0 - t_truth,
@@ -240,7 +248,7 @@ def _summary(r: dict) -> str:
             "| parameter | truth | start | fit | relative error |",
             "|---|---|---|---|---|",
             *[
-                f"| {n} | {nf['truth'][n]:g} | {r['start'][n]:g} | {nf['fit'][n]:.5g} | "
+                f"| {n} | {nf['truth'][n]:g} | {nf['start'][n]:g} | {nf['fit'][n]:.5g} | "
                 f"{nf['relative_error'][n]:+.2%} |"
                 for n in nf["truth"]
             ],
