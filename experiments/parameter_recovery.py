@@ -275,7 +275,7 @@ def _summary(r: dict) -> str:
             spread = v.std(ddof=1) if len(v) > 1 else 0.0
             prof = p.get("profile_within_2sigma", {})
             prof_cell = f"{prof[n]:.0%}" if n in prof else "–"
-            lines.append(f"| {n} | {p['truth'][n]:g} | {v.mean():.5g} | {spread:.3g} | {np.median(sg):.3g} | "
+            lines.append(f"| {n} | {p['truth'][n]:g} | {v.mean():.5g} | {spread:.3g} | {np.nanmedian(sg):.3g} | "
                          f"{p['within_2sigma'][n]:.0%} | {prof_cell} |")  # fmt: skip
         lines += ["", f"All four within the Laplace 2σ in {p['all_within_2sigma']:.0%} of the seeds."]
         if "all_within_reported" in p:
