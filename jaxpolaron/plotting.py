@@ -374,6 +374,17 @@ def plot_slice(
 
 
 # ------------------------------------------------------------------------------------------ fit diagnostics
+def _save(plt, fig, path: str | Path) -> Path:
+    """Write `fig` to `path` (parents created) at 110 dpi, close it whatever happens, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_loss_curve(records: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
     """Loss vs optimiser step, one line per multi-start, the best start (lowest loss reached) highlighted;
     a second, smaller panel shows the gradient norm when the records have one.
@@ -421,13 +432,7 @@ def plot_loss_curve(records: Sequence[dict], path: str | Path, *, title: str = "
     axs[-1, 0].set_xlabel("step")
     if title:
         axs[0, 0].set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_profile(
@@ -461,13 +466,7 @@ def plot_profile(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _slice_axes(g: np.ndarray) -> tuple[int, int, int]:

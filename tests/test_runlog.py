@@ -1,4 +1,4 @@
-"""Run folders of fits (fitting.runlog) and the fit figures (plot_loss_curve, plot_peak_comparison)."""
+"""Run folders of fits (fitting.runlog) and the fit figures (plot_loss_curve, plot_peak_comparison, plot_profile)."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import pytest
 from fitting import runlog
 from fitting.runlog import PeakComparison, RunLog, read_index, read_metrics
 from jaxpolaron.errors import InputError
-from jaxpolaron.plotting import _slice_axes, plot_loss_curve, plot_peak_comparison
+from jaxpolaron.plotting import _slice_axes, plot_loss_curve, plot_peak_comparison, plot_profile
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -153,6 +153,11 @@ def test_plot_functions_on_synthetic_data(tmp_path):
     assert _is_png(plot_loss_curve(records, tmp_path / "deep" / "loss.png", title="linear"))
     with pytest.raises(ValueError, match="loss"):
         plot_loss_curve([{"step": 0}], tmp_path / "none.png")
+    # a profile that runs to an unbounded end (inf) on a log axis, as `jaxpolaron fit --profile k_br` can give
+    values = np.geomspace(0.2, 3000.0, 9)
+    chi2 = 100.0 + np.minimum((np.log(values) - np.log(1.5)) ** 2 * 4.0, 2.3)
+    intervals = {"2σ": (0.3, np.inf), "1σ": (0.7, np.inf)}
+    assert _is_png(plot_profile("k_br", values, chi2, 2.5, tmp_path / "profile.png", intervals=intervals))
 
 
 @pytest.mark.parametrize(
