@@ -359,3 +359,15 @@ def test_profile_interval_is_the_marginal_sigma_and_stops_at_the_bound(structure
     else:  # 0.06 − 0.2 < 0: the scan runs into the constraint
         assert prof.bounds[0] == 0.0 and prof.interval(2.0)[0] == 0.0
         assert prof.interval(2.0)[1] == pytest.approx(centre_bias + 0.2, abs=0.006)
+
+
+def test_linear_random_hole_fit_warns_at_large_amplitude():
+    from types import SimpleNamespace
+
+    from fitting.run_fit import FitConfig, linear_method_warning
+
+    large, small = SimpleNamespace(amplitude=0.02), SimpleNamespace(amplitude=0.001)
+    assert "--method exact" in linear_method_warning(FitConfig(model="random-hole", method="linear"), large)
+    assert linear_method_warning(FitConfig(model="random-hole", method="linear"), small) is None
+    assert linear_method_warning(FitConfig(model="random-hole", method="exact"), large) is None
+    assert linear_method_warning(FitConfig(model="central-hole", method="linear"), large) is None
