@@ -44,7 +44,7 @@ from parameter_recovery import DEFAULT_STATS, HALF, HKLS, VOXEL, load_stats
 
 from fitting.forward import build_forward
 from fitting.objective import make_objective
-from fitting.optimise import StopRule, latin_hypercube, make_step, minimise
+from fitting.optimise import StopRule, latin_hypercube, make_step, multistart
 from fitting.parameters import select, template_model
 from fitting.synthetic import MergeStatistics, simulated_windows, with_poisson_noise
 from fitting.uncertainty import information_criteria, laplace
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
                 )
                 # first seed: the multi-start search; later seeds: from the first seed's best fit
                 z_starts = starts[model] if seed == 0 else [warm[truth, model]]
-                runs = [minimise(obj, s, lbfgs, stop=stop, start=i, step=steps[model]) for i, s in enumerate(z_starts)]
-                best = min(runs, key=lambda r: r.loss)
+                best, runs = multistart(obj, np.asarray(z_starts), lbfgs, stop=stop, step=steps[model])
                 if seed == 0:
                     warm[truth, model] = best.z
                 unc = laplace(obj, best.z)

@@ -128,9 +128,11 @@ def multistart(
     *,
     stop: StopRule = StopRule(),
     callback: StepCallback | None = None,
+    step=None,
 ) -> tuple[Trajectory, list[Trajectory]]:
-    """Run `minimise` from every row of `starts` (n, d); returns (best, all)."""
-    step = make_step(optimizer)
+    """Run `minimise` from every row of `starts` (n, d); returns (best, all). `step` (from `make_step`): pass one
+    to reuse its compilation across objectives of the same structure."""
+    step = make_step(optimizer) if step is None else step
     runs = [
         minimise(objective, s, optimizer, stop=stop, start=i, step=step, callback=callback)
         for i, s in enumerate(starts)

@@ -235,7 +235,7 @@ def fit(
     unc = laplace(objective, best.z)
     criteria = information_criteria(unc.chi2, objective.n_free, objective.n_data)
     fitted, scale = objective.predict(jnp.asarray(best.z))
-    warning = linear_method_warning(config, objective.parameters.apply(objective.template, jnp.asarray(best.z)))
+    warning = linear_method_warning(config, params.apply(objective.template, jnp.asarray(best.z)))
     if warning:
         log.warning(warning)
     result = {

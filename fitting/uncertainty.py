@@ -181,8 +181,7 @@ def profile(
     params = objective.parameters
     transform = params.transforms[index]
     z_hat = np.asarray(z_hat, float)
-    step = _default_step() if optimizer is None else make_step(optimizer)
-    optimizer = PROFILE_OPTIMIZER if optimizer is None else optimizer
+    optimizer, step = _optimizer_and_step(optimizer)
     unit = max(chi2_reduced, 1.0)
     best = float(objective.chi2(jnp.asarray(z_hat)))
     points = {float(z_hat[index]): best}
@@ -221,8 +220,7 @@ def profiled_chi2(
     """χ² with parameter `index` held at the physical `value` and the others re-fitted from ẑ: one point of the
     profile. χ²(value) − min χ² ≤ n² · max(χ²_red, 1) says `value` lies in the profile's nσ interval (the
     likelihood-ratio test), at the cost of one re-fit instead of a scan."""
-    step = _default_step() if optimizer is None else make_step(optimizer)
-    optimizer = PROFILE_OPTIMIZER if optimizer is None else optimizer
+    optimizer, step = _optimizer_and_step(optimizer)
     z_hat = np.asarray(z_hat, float)
     rest = np.delete(z_hat, index)
     z_value = to_unconstrained(objective.parameters.transforms[index], value)
@@ -237,9 +235,13 @@ def _pinned_fit(objective, rest: np.ndarray, index: int, z_value: float, optimiz
     return rest, float(objective.chi2(pinned.full(jnp.asarray(rest))))
 
 
+def _optimizer_and_step(optimizer):
+    """(optimizer, its jitted step); the default optimiser's step is shared, so a scan per seed compiles once."""
+    return (PROFILE_OPTIMIZER, _default_step()) if optimizer is None else (optimizer, make_step(optimizer))
+
+
 @functools.cache
 def _default_step():
-    """One jitted step for every profile with the default optimiser: a scan per seed compiles once."""
     return make_step(PROFILE_OPTIMIZER)
 
 
