@@ -309,25 +309,33 @@ def print_comparison(rows):
 
 
 def time_parts(frame, cfg, bn, repeats):
-    """Stages of the fast path (private functions of data_pipeline.peakfinder; they may change)."""
-    m = pf._paths(cfg)[0]
-    d, g, b, cand, stats = jax.jit(lambda x, bb: pf._front(x, None, None, cfg, bb))(frame, bn)
-    comps = jax.jit(lambda *a: pf._components_compact(*a, cfg, m))(d, cand, b, stats.offset)[0]
+    """Stages of the fast path (private functions of data_pipeline.peakfinder; they may change). Every input
+    is a jit argument, not a closure constant (XLA would fold a constant stage away)."""
+    sizes = pf._paths(cfg)
     row = pf._ROW
+    front = jax.jit(lambda x, bb: pf._front(x, None, None, cfg, bb))
+    d, g, b, cand, stats = front(frame, bn)
+    rows = cand.reshape(-1, row)
+    row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
+    cum = jnp.cumsum(row_count)
+    n_cand = int(cum[-1])
+    m = next((z for z in sizes if z >= n_cand), sizes[-1])
+    ci = pf._compact(rows, m, row_count, cum)[0]
+    comps = jax.jit(lambda *a: pf._components_compact(*a, cfg, m))(d, ci, b, stats.offset)
+
+    def stats_only(x, bb):
+        return pf._radial_statistics_binned(x.reshape(-1), bb, cfg)
+
     parts = [
-        ("radial statistics (5 passes)", lambda: pf._radial_statistics_binned(frame.reshape(-1), bn, cfg), ()),
-        ("  of which: gather into sorted layout", lambda: frame.reshape(-1)[bn.pixels], ()),
-        ("front: statistics + candidate map", lambda: pf._front(frame, None, None, cfg, bn), ()),
-        (f"compact candidate indices ({m})", lambda c: pf._compact(c.reshape(-1, row), m), (cand,)),
-        (
-            "components (compact, incl. indices)",
-            lambda *a: pf._components_compact(*a, cfg, m),
-            (d, cand, b, stats.offset),
-        ),
+        ("radial statistics (5 passes)", stats_only, (frame, bn)),
+        ("  of which: gather into sorted layout", lambda x, p: x.reshape(-1)[p], (frame, bn.pixels)),
+        ("front: statistics + candidate map", lambda x, bb: pf._front(x, None, None, cfg, bb), (frame, bn)),
+        (f"compact candidate indices ({m})", lambda r, rc, cu: pf._compact(r, m, rc, cu), (rows, row_count, cum)),
+        ("components (compact)", lambda *a: pf._components_compact(*a, cfg, m), (d, ci, b, stats.offset)),
         ("local background + acceptance + sort", lambda *a: pf._measure(*a, cfg), (d, g, b, stats, comps)),
-        ("whole find_peaks", lambda: pf.find_peaks(frame, None, None, cfg, binning=bn), ()),
+        ("whole find_peaks", lambda x: pf.find_peaks(x, None, None, cfg, binning=bn), (frame,)),
     ]
-    print(f"  ({int(jnp.sum(cand))} candidate pixels, {int(comps[0])} components)")
+    print(f"  ({n_cand} candidate pixels, {int(comps[0])} components)")
     out = []
     for label, fn, a in parts:
         f = jax.jit(fn) if label != "whole find_peaks" else fn

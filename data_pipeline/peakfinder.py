@@ -38,13 +38,16 @@ JAX formulation (why it looks different from the C): all shapes are static and n
 Frames stay in their (P, ss, fs) layout; ASIC borders are coordinate tests. Radial statistics: with a
 ``RadialBinning`` (``make_binning``, host side, once per geometry and mask) the good pixels are gathered once
 per frame into rows of 64 pixels of one panel and one bin (sorted by panel, then bin: a cache-friendly
-gather); each clipping pass is a dense row reduction plus a small segment sum over rows. Without it, a
-scatter over all pixels. Candidate pixels are rare: they are compacted (raster order, at most
-``max_num_candidates``; first tried with 4096) by a row-count prefix sum and a binary search, and components
-are found on that list by iterative min-label propagation over the 8 neighbours plus pointer jumping, inside
-a bounded ``lax.while_loop``; per-component sums are segment sums over the list. A frame with more candidates
-is redone on the whole frame (3×3 min-pool propagation and dense segment sums; identical results). The
-background discs are measured 128 components at a time in a loop that runs only over the components found.
+gather); each clipping pass is a dense row reduction plus a small segment sum over rows, the passes unrolled
+(a loop would copy the frame-sized layout into its carry on every call). Without it, a scatter over all
+pixels. Candidate pixels are rare: they are compacted (raster order) by a row-count prefix sum and a binary
+search into a list whose static size is picked per frame by a ``lax.switch`` (1024, 4096 or
+``max_num_candidates``: the work follows the candidate count), and components are found on that list by
+iterative min-label propagation over the 8 neighbours plus pointer jumping, inside a bounded
+``lax.while_loop``; per-component sums are segment sums over the list. A frame with more candidates is redone
+on the whole frame (3×3 min-pool propagation and dense segment sums; identical results). The background discs
+are measured for the first 128, 512 or ``max_num_components`` components, again the smallest that
+holds all that were found.
 
 Coordinates: ``fs``/``ss`` are in pixels of the panel (module) array, with integer values at pixel centres
 (OM/cfelpyutils convention; CrystFEL adds 0.5 when it stores a peak). Intensities are in detector units (ADU
@@ -64,8 +67,8 @@ from jax import lax
 
 _FLT_MAX = float(np.finfo(np.float32).max)
 _FLT_MIN = float(np.finfo(np.float32).tiny)  # the reference's (odd) lower threshold of an empty bin
-_FAST_CANDIDATES = 4096  # first try with this many compacted candidate pixels (then max_num_candidates)
-_CHUNK = 128  # components measured per loop iteration
+_CANDIDATE_TIERS = (1024, 4096)  # compacted-candidate list sizes (and max_num_candidates)
+_MEASURE_TIERS = (128, 512)  # components measured per frame (and max_num_components)
 _ROW = 16  # pixels per row of the candidate map's row-count prefix sum
 
 
@@ -248,14 +251,18 @@ def _clip_pass(mom, config):
 
 def _clip_loop(one_pass, dtype, config):
     nb = config.n_radial_bins
-    init = (
+    carry = (
         jnp.full(nb, 1e9, dtype),
         jnp.full(nb, -1e9, dtype),
         jnp.zeros(nb, dtype),
         jnp.zeros(nb, dtype),
         jnp.zeros(nb, jnp.int32),
     )
-    upper, _, offset, sigma, count = lax.fori_loop(0, config.n_sigma_clip_iterations, one_pass, init)
+    # Unrolled (a handful of passes): a lax.fori_loop would copy the frame-sized loop invariants into its
+    # carry on every call.
+    for i in range(config.n_sigma_clip_iterations):
+        carry = one_pass(i, carry)
+    upper, _, offset, sigma, count = carry
     return RadialStats(offset, sigma, upper, count)
 
 
@@ -285,12 +292,13 @@ def _row_moments(v, keep):
 
 def _radial_statistics_binned(d_flat, binning: RadialBinning, config):
     """Same statistics from the pre-sorted layout: one gather, then dense row sums per pass."""
-    valid, rb = binning.valid, binning.row_bin
-    v = jnp.where(valid, d_flat[binning.pixels], 0.0)  # (R, W)
+    rb = binning.row_bin
+    # Padding as NaN: it fails both threshold comparisons, so the passes need no separate validity mask.
+    v = jnp.where(binning.valid, d_flat.at[binning.pixels].get(mode="promise_in_bounds"), jnp.nan)  # (R, W)
 
     def one_pass(_, carry):
         upper, lower, *_ = carry
-        rows = _row_moments(v, valid & (v < upper[rb][:, None]) & (v > lower[rb][:, None]))
+        rows = _row_moments(v, (v < upper[rb][:, None]) & (v > lower[rb][:, None]))
         return _clip_pass(jax.ops.segment_sum(rows, rb, num_segments=config.n_radial_bins), config)
 
     return _clip_loop(one_pass, v.dtype, config)
@@ -323,15 +331,14 @@ def _check_shape(shape, config):
 # --- candidates and connected components ------------------------------------------------------------------------
 
 
-def _compact(rows, size):
+def _compact(rows, size, row_count, cum):
     """Flat indices of the True entries of ``rows`` (n_rows, w) bool in raster order, padded with n = rows.size
     to ``size``, and their count (the indices are incomplete when it exceeds ``size``).
 
     No whole-array nonzero/scatter (slow on CPU): a prefix sum of the row counts, a binary search of each
-    output slot's row, and the slot's rank among its row's True entries."""
+    output slot's row, and the slot's rank among its row's True entries. row_count: (n_rows,) int32 True
+    entries per row; cum: its inclusive prefix sum."""
     n_rows, w = rows.shape
-    row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
-    cum = jnp.cumsum(row_count)  # inclusive
     j = jnp.arange(size, dtype=jnp.int32)
     row = jnp.minimum(jnp.searchsorted(cum, j, side="right").astype(jnp.int32), n_rows - 1)
     rank = j - (cum[row] - row_count[row])
@@ -371,16 +378,16 @@ def _interior(ay, ax, config):
     return (ay >= 1) & (ay <= a_ss - 2) & (ax >= 1) & (ax <= a_fs - 2)
 
 
-def _components_compact(d, cand, bins, offset, config, m):
+def _components_compact(d, ci, bins, offset, config, m):
     """Components of the candidate pixels compacted to ``m`` entries (raster order, so a component's smallest
     compact index is its smallest flat index: labels, roots and their order are those of _components_dense).
+    ci: (m,) int32 candidate flat indices in raster order, padded with d.size (from _compact; complete only
+    when the frame has at most m candidates, else the dense version must be used).
     Returns (n_components, root flat index (K,), sums (K, 8), max value (K,)) for the first K =
-    max_num_components surviving roots in raster order, and ``overflow`` (more candidates than fit: the results
-    are incomplete and the dense version must be used)."""
+    max_num_components surviving roots in raster order."""
     shape = d.shape
     n, f = d.size, shape[2]
     a_ss, a_fs = config.asic_shape
-    ci, n_cand = _compact(cand.reshape(-1, min(_ROW, f) if f % _ROW == 0 else f), m)
     ok = ci < n
     own = jnp.arange(m, dtype=jnp.int32)
     inv = jnp.full(n, m, jnp.int32).at[ci].set(own, mode="drop")  # flat index -> compact index (m: none)
@@ -414,7 +421,7 @@ def _components_compact(d, cand, bins, offset, config, m):
     valid0 = _size_cuts(sums[:, 0], ok & (lab == own), has_seed, sums[:, 1], config)
     n_components = jnp.sum(valid0, dtype=jnp.int32)
     (rc,) = jnp.nonzero(valid0, size=config.max_num_components, fill_value=0)
-    return (n_components, cj[rc], sums[rc], dmax[rc]), n_cand > m
+    return n_components, cj[rc], sums[rc], dmax[rc]
 
 
 def _components_dense(d, cand, bins, offset, config):
@@ -513,39 +520,23 @@ def _measure_chunk(d_flat, g_flat, b_flat, stats, root, s, dmax_r, shape, config
 
 
 def _measure(d, g, b, stats, comps, config) -> PeakList:
-    """Local background, re-integration, acceptance and sorting of the compacted components, measured
-    _CHUNK components at a time, only as many chunks as there are components."""
+    """Local background, re-integration, acceptance and sorting of the compacted components. Only the first
+    n of them are measured, n the smallest of _MEASURE_TIERS (or max_num_components) that holds them all."""
     n_components, root, s, dmax_r = comps
     k = config.max_num_components
-    c = min(_CHUNK, k)
-    k_pad = -(-k // c) * c
-    if k_pad > k:
-        root = jnp.pad(root, (0, k_pad - k))
-        s = jnp.pad(s, ((0, k_pad - k), (0, 0)))
-        dmax_r = jnp.pad(dmax_r, (0, k_pad - k))
     d_flat, g_flat, b_flat = d.reshape(-1), g.reshape(-1), b.reshape(-1)
-    f32, i32 = jnp.float32, jnp.int32
-    dtypes = (bool, f32, f32, f32, f32, f32, f32, i32, i32)
-    init = tuple(jnp.zeros(k_pad, t) for t in dtypes)
 
-    def body(i, outs):
-        start = i * c
-        part = _measure_chunk(
-            d_flat,
-            g_flat,
-            b_flat,
-            stats,
-            lax.dynamic_slice_in_dim(root, start, c),
-            lax.dynamic_slice_in_dim(s, start, c),
-            lax.dynamic_slice_in_dim(dmax_r, start, c),
-            d.shape,
-            config,
-        )
-        return tuple(lax.dynamic_update_slice_in_dim(o, p, start, 0) for o, p in zip(outs, part, strict=True))
+    def measure_first(size):
+        part = _measure_chunk(d_flat, g_flat, b_flat, stats, root[:size], s[:size], dmax_r[:size], d.shape, config)
+        return tuple(jnp.pad(p, (0, k - size)) for p in part)  # padding: not accepted
 
-    n_chunks = (jnp.minimum(n_components, k) + c - 1) // c
-    accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix = lax.fori_loop(0, n_chunks, body, init)
-    accept = accept & (jnp.arange(k_pad) < n_components)
+    # A lax.switch over static sizes rather than a loop over chunks: a while loop would copy the frame-sized
+    # arrays it reads into its carry on every call.
+    sizes = sorted({min(z, k) for z in _MEASURE_TIERS} | {k})
+    tier = jnp.searchsorted(jnp.asarray(sizes), jnp.minimum(n_components, k))
+    outs = lax.switch(tier, [functools.partial(measure_first, z) for z in sizes])
+    accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix = outs
+    accept = accept & (jnp.arange(k) < n_components)
 
     # Sort accepted peaks by total intensity and keep max_num_peaks of them.
     m = config.max_num_peaks
@@ -586,18 +577,31 @@ def _front(data, mask, radius, config, binning):
 
 
 def _paths(config):
-    """Static candidate-list sizes tried in turn (then the whole-frame path)."""
-    return tuple(sorted({min(_FAST_CANDIDATES, config.max_num_candidates), config.max_num_candidates}))
+    """Static candidate-list sizes; each frame takes the smallest that holds its candidates (a lax.switch in
+    the program), and a frame with more than the largest is redone on the whole frame."""
+    top = config.max_num_candidates
+    return tuple(sorted({min(z, top) for z in _CANDIDATE_TIERS} | {top}))
 
 
-def _back(front, config, m):
-    """Components and measurement; m = compacted candidates (0: whole-frame path). Returns (peaks, overflow)."""
+def _back(front, config, sizes):
+    """Components and measurement; sizes: compacted-candidate tiers (() = whole-frame path).
+    Returns (peaks, overflow)."""
     d, g, b, cand, stats = front
-    if m:
-        comps, overflow = _components_compact(d, cand, b, stats.offset, config, m)
-    else:
+    if not sizes:
         comps, overflow = _components_dense(d, cand, b, stats.offset, config), jnp.array(False)
-    return _measure(d, g, b, stats, comps, config), overflow
+        return _measure(d, g, b, stats, comps, config), overflow
+    f = d.shape[2]
+    rows = cand.reshape(-1, min(_ROW, f) if f % _ROW == 0 else f)
+    row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
+    cum = jnp.cumsum(row_count)  # inclusive
+    count = cum[-1]
+
+    def tier(m):
+        return _components_compact(d, _compact(rows, m, row_count, cum)[0], b, stats.offset, config, m)
+
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count), len(sizes) - 1)
+    comps = lax.switch(which, [functools.partial(tier, m) for m in sizes])
+    return _measure(d, g, b, stats, comps, config), count > sizes[-1]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "m"))
@@ -628,11 +632,9 @@ def _ensure_binning(mask, radius, config, binning):
 
 
 def _traced_tiers(run, sizes):
-    """Under an outer jit: the candidate-list sizes and the whole-frame path chained with lax.cond."""
-    pk, overflow = run(sizes[0])
-    if len(sizes) == 1:
-        return lax.cond(jnp.any(overflow), lambda: run(0)[0], lambda: pk)
-    return lax.cond(jnp.any(overflow), lambda: _traced_tiers(run, sizes[1:]), lambda: pk)
+    """Under an outer jit: the compacted path, then the whole-frame path under a lax.cond."""
+    pk, overflow = run(sizes)
+    return lax.cond(jnp.any(overflow), lambda: run(())[0], lambda: pk)
 
 
 def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
@@ -645,7 +647,7 @@ def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBin
     radial statistics (mask and radius are then not used).
     Returns a PeakList of length ``config.max_num_peaks``.
 
-    Components are found on the compacted candidate pixels (jitted ``_find_peaks_one``: first 4096, then
+    Components are found on the compacted candidate pixels (jitted ``_find_peaks_one``, at most
     ``config.max_num_candidates``); a frame with more candidates is redone on the whole frame (same results,
     slower). That decision is taken on the host (it waits for the frame's result), outside jit: a
     whole-frame branch inside the same program would cost every call its (large) buffers. Called under an
@@ -659,7 +661,7 @@ def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBin
 
     if _traced(data, mask, radius, binning):
         return _traced_tiers(run, sizes)
-    for m in (*sizes, 0):
+    for m in (sizes, ()):
         pk, overflow = run(m)
         if not bool(overflow):
             return pk
@@ -701,8 +703,8 @@ def _run_on_devices(frames, mask, radius, config, binning, m):
 def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: RadialBinning | None = None) -> PeakList:
     """peakfinder8 on a batch: frames (B, P, ss, fs) float32; mask and radius (P, ss, fs), shared by all frames.
 
-    binning: optional ``make_binning(radius, mask, config)`` (see find_peaks). The batch runs with 4096
-    compacted candidates per frame; only the frames with more are redone one by one (find_peaks).
+    binning: optional ``make_binning(radius, mask, config)`` (see find_peaks). The batch runs on the compacted
+    candidates; only frames with more than ``max_num_candidates`` are redone one by one on the whole frame.
     Returns a PeakList whose fields have a leading batch axis B.
     """
     sizes = _paths(config)
@@ -713,12 +715,12 @@ def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: R
 
     if _traced(frames, mask, radius, binning):
         return _traced_tiers(run, sizes)
-    pk, overflow = _run_on_devices(frames, mask, radius, config, binning, sizes[0])
+    pk, overflow = _run_on_devices(frames, mask, radius, config, binning, sizes)
     redo = np.flatnonzero(np.asarray(overflow))
     if redo.size:
         fields = [np.array(x) for x in pk]
         for i in redo:
-            one = find_peaks(frames[i], mask, radius, config, binning)
+            one, _ = _find_peaks_one(frames[i], mask, radius, config, binning, ())
             for arr, x in zip(fields, one, strict=True):
                 arr[i] = np.asarray(x)
         pk = PeakList(*(jnp.asarray(x) for x in fields))
