@@ -326,9 +326,12 @@ def time_parts(frame, cfg, bn, repeats):
     def stats_only(x, bb):
         return pf._radial_statistics_binned(x.reshape(-1), bb, cfg)
 
+    def gather_only(x, p):
+        return x.reshape(-1).at[p].get(mode="fill", fill_value=jnp.nan)
+
     parts = [
         ("radial statistics (5 passes)", stats_only, (frame, bn)),
-        ("  of which: gather into sorted layout", lambda x, p: x.reshape(-1)[p], (frame, bn.pixels)),
+        ("  of which: gather into sorted layout", gather_only, (frame, bn.pixels)),
         ("front: statistics + candidate map", lambda x, bb: pf._front(x, None, None, cfg, bb), (frame, bn)),
         (f"compact candidate indices ({m})", lambda r, rc, cu: pf._compact(r, m, rc, cu), (rows, row_count, cum)),
         ("components (compact)", lambda *a: pf._components_compact(*a, cfg, m), (d, ci, b, stats.offset)),

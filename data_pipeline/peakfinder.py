@@ -173,9 +173,10 @@ class RadialBinning(NamedTuple):
     cut into rows of ``W`` pixels, each row holding pixels of a single panel and bin (the last row of a group
     is padded): a per-bin reduction is then a dense row reduction plus a segment sum over the R rows.
 
-    pixels: (R, W) int32 flat index into the (P, ss, fs) frame (padding: 0). valid: (R, W) bool, False =
-    padding. row_bin: (R,) int32 bin of each row. good: (P, ss, fs) bool and bins: (P, ss, fs) int32, the
-    good-pixel map and radial bin of every pixel.
+    pixels: (R, W) int32 flat index into the (P, ss, fs) frame (padding: P·ss·fs, one past the end, which
+    a gather with mode "fill" reads as NaN). valid: (R, W) bool, False = padding. row_bin: (R,) int32 bin of
+    each row. good: (P, ss, fs) bool and bins: (P, ss, fs) int32, the good-pixel map and radial bin of every
+    pixel.
     """
 
     pixels: jax.Array
@@ -211,7 +212,7 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     n_rows = max(int(rows_per_group.sum()), 1)
     rank = np.arange(pix.size) - np.repeat(start, counts)
     row = np.repeat(np.cumsum(rows_per_group) - rows_per_group, counts) + rank // row_width
-    pixels = np.zeros((n_rows, row_width), np.int32)
+    pixels = np.full((n_rows, row_width), radius.size, np.int32)
     valid = np.zeros((n_rows, row_width), bool)
     row_bin = np.zeros(n_rows, np.int32)
     pixels[row, rank % row_width] = pix
@@ -293,8 +294,9 @@ def _row_moments(v, keep):
 def _radial_statistics_binned(d_flat, binning: RadialBinning, config):
     """Same statistics from the pre-sorted layout: one gather, then dense row sums per pass."""
     rb = binning.row_bin
-    # Padding as NaN: it fails both threshold comparisons, so the passes need no separate validity mask.
-    v = jnp.where(binning.valid, d_flat.at[binning.pixels].get(mode="promise_in_bounds"), jnp.nan)  # (R, W)
+    # Padding reads as NaN (its index is out of bounds): it fails both threshold comparisons, so neither the
+    # gather nor the passes need a separate validity mask.
+    v = d_flat.at[binning.pixels].get(mode="fill", fill_value=jnp.nan)  # (R, W)
 
     def one_pass(_, carry):
         upper, lower, *_ = carry

@@ -212,7 +212,7 @@ def profiles_stage(unit: Unit, ctx: Context) -> dict:
             masked[b, _peak_pixels(unit, i, None, cfg.mask_radius_px)] = 0.0
         bg, bg_count = radial_profiles(frames, masked, bin_index, nb)
         rows.append(unit.rows[pos])
-        profiles.append(fill_empty(np.asarray(bg, np.float64), np.asarray(bg_count)))
+        profiles.append(fill_empty(np.asarray(bg, np.float64), np.asarray(bg_count), setup.bins.live))
     return {
         "azimuthal_sum": az_sum,
         "azimuthal_count": az_count,
