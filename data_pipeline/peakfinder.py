@@ -585,11 +585,11 @@ def _paths(config):
     return tuple(sorted({min(z, top) for z in _CANDIDATE_TIERS} | {top}))
 
 
-def _back(front, config, sizes):
-    """Components and measurement; sizes: compacted-candidate tiers (() = whole-frame path).
+def _back(front, config, tiers):
+    """Components and measurement; tiers: compacted-candidate list sizes from _paths (() = whole-frame path).
     Returns (peaks, overflow)."""
     d, g, b, cand, stats = front
-    if not sizes:
+    if not tiers:
         comps, overflow = _components_dense(d, cand, b, stats.offset, config), jnp.array(False)
         return _measure(d, g, b, stats, comps, config), overflow
     f = d.shape[2]
@@ -601,23 +601,23 @@ def _back(front, config, sizes):
     def tier(m):
         return _components_compact(d, _compact(rows, m, row_count, cum)[0], b, stats.offset, config, m)
 
-    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count), len(sizes) - 1)
-    comps = lax.switch(which, [functools.partial(tier, m) for m in sizes])
-    return _measure(d, g, b, stats, comps, config), count > sizes[-1]
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(tiers, jnp.int32), count), len(tiers) - 1)
+    comps = lax.switch(which, [functools.partial(tier, m) for m in tiers])
+    return _measure(d, g, b, stats, comps, config), count > tiers[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "m"))
-def _find_peaks_one(data, mask, radius, config, binning, m):
+@functools.partial(jax.jit, static_argnames=("config", "tiers"))
+def _find_peaks_one(data, mask, radius, config, binning, tiers):
     _check_shape(data.shape, config)
-    return _back(_front(data, mask, radius, config, binning), config, m)
+    return _back(_front(data, mask, radius, config, binning), config, tiers)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "m"))
-def _find_peaks_many(frames, mask, radius, config, binning, m):
+@functools.partial(jax.jit, static_argnames=("config", "tiers"))
+def _find_peaks_many(frames, mask, radius, config, binning, tiers):
     _check_shape(frames.shape[1:], config)
     # One frame after the other (lax.map) rather than vmap: on CPU the vmapped program is no faster per frame
     # and its B-times-larger buffers cost page faults on every call.
-    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), config, m), frames)
+    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), config, tiers), frames)
 
 
 def _traced(*xs):
@@ -658,13 +658,13 @@ def find_peaks(data, mask, radius, config: Peakfinder8Config, binning: RadialBin
     sizes = _paths(config)
     binning = _ensure_binning(mask, radius, config, binning)
 
-    def run(m):
-        return _find_peaks_one(data, mask, radius, config, binning, m)
+    def run(tiers):
+        return _find_peaks_one(data, mask, radius, config, binning, tiers)
 
     if _traced(data, mask, radius, binning):
         return _traced_tiers(run, sizes)
-    for m in (sizes, ()):
-        pk, overflow = run(m)
+    for tiers in (sizes, ()):
+        pk, overflow = run(tiers)
         if not bool(overflow):
             return pk
     return pk
@@ -674,7 +674,7 @@ find_peaks._cache_size = _find_peaks_one._cache_size  # type: ignore[attr-define
 # the compiled-program cache (one entry per shape/config)
 
 
-def _run_on_devices(frames, mask, radius, config, binning, m):
+def _run_on_devices(frames, mask, radius, config, binning, tiers):
     """`_find_peaks_many` with the batch split across the local devices (several CPU devices: see
     `data_pipeline.host.use_cpu_cores`), all dispatched before any result is awaited, so the parts run
     concurrently.
@@ -685,7 +685,7 @@ def _run_on_devices(frames, mask, radius, config, binning, m):
     devices = jax.local_devices()
     n = len(frames)
     if len(devices) == 1 or n < 2:
-        return _find_peaks_many(frames, mask, radius, config, binning, m)
+        return _find_peaks_many(frames, mask, radius, config, binning, tiers)
     per = -(-n // len(devices))
     devices = devices[: -(-n // per)]  # no empty parts
     frames = np.asarray(frames)
@@ -696,7 +696,7 @@ def _run_on_devices(frames, mask, radius, config, binning, m):
         pad = np.broadcast_to(part[:1], (per - len(part), *part.shape[1:]))
         part = np.concatenate([part, pad]) if len(pad) else part
         f, mk, r, b = jax.device_put((part, *shared), dev)
-        parts.append(_find_peaks_many(f, mk, r, config, b, m))
+        parts.append(_find_peaks_many(f, mk, r, config, b, tiers))
     out = [jax.tree.map(np.asarray, p) for p in parts]  # the one wait, after every part is dispatched
     joined = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
     return PeakList(*joined[0]), joined[1]
@@ -712,8 +712,8 @@ def find_peaks_batch(frames, mask, radius, config: Peakfinder8Config, binning: R
     sizes = _paths(config)
     binning = _ensure_binning(mask, radius, config, binning)
 
-    def run(m):
-        return _find_peaks_many(frames, mask, radius, config, binning, m)
+    def run(tiers):
+        return _find_peaks_many(frames, mask, radius, config, binning, tiers)
 
     if _traced(frames, mask, radius, binning):
         return _traced_tiers(run, sizes)
