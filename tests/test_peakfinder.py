@@ -249,6 +249,29 @@ def test_candidate_overflow_falls_back_to_whole_frame():
     _assert_same_peaks(find_peaks(frames[0], mask, r, CFG), jitted(frames[0]), rtol=0, atol=0)
 
 
+def test_candidate_and_component_tiers_match_whole_frame_path():
+    """Frames of few and of many candidates/components take different static sizes inside one program (a
+    lax.switch on the counts); each gives exactly the whole-frame path's peaks. The crowded frame has ~2,700
+    candidate pixels (the 4096 list) and 133 components (the second measuring size)."""
+    from data_pipeline.peakfinder import _find_peaks_one, _paths
+
+    rng = np.random.default_rng(5)
+    many = [(int(rng.integers(4)), *rng.uniform(4, 124, 2), float(rng.uniform(2e4, 4e4)), 1.0) for _ in range(150)]
+    frames = np.stack([make_frame(CLEAN, seed=40)[0], make_frame(many, seed=41)[0]])
+    r, mask = radius_map(), np.ones(SHAPE, bool)
+    tiers = _paths(CFG)
+    assert tiers == (1024, 4096, CFG.max_num_candidates)
+    for f in frames:
+        pk, overflow = _find_peaks_one(f, mask, r, CFG, None, tiers)
+        assert not bool(overflow)
+        _assert_same_peaks(pk, _find_peaks_one(f, mask, r, CFG, None, ())[0], rtol=0, atol=0)
+    dense = find_peaks(frames[1], mask, r, CFG)
+    assert int(dense.n_components) > 128  # the second component tier was used
+    batch = find_peaks_batch(frames, mask, r, CFG)
+    for i, f in enumerate(frames):
+        _assert_same_peaks(jax.tree.map(lambda x, i=i: x[i], batch), find_peaks(f, mask, r, CFG), rtol=0, atol=0)
+
+
 # --- agreement with a plain numpy transcription of the reference (OM / CrystFEL peakfinder8) -------------------
 
 
