@@ -1,16 +1,25 @@
 """How well does a merged volume reproduce the forward-model ensemble it was simulated from? (issue 5)
 
-    .venv/bin/python experiments/merge_pearson.py RUN_DIR VOLUMES.h5 [--q-max 0.5 0.75] [--bin 1 2] [--out F.json]
+    .venv/bin/python experiments/merge_pearson.py RUN_DIR VOLUMES.h5 [--index-dir DIR] [--q-max 0.5 0.75]
+        [--bin 1 2] [--out F.json]
 
 RUN_DIR is a `jaxpolaron synth-run` directory: volumes.hdf5 holds the forward-model |F|² table of every
-crystal size on the merge grid, truth.hdf5 the crystals drawn. VOLUMES.h5 is its `jaxpolaron reduce` output.
-The model is the ensemble intensity Σ_size n_size·|F_size|², n_size the number of crystals of that size
-in the truth (every frame, dark and pumped; the dark tables). Pearson's r is taken over the voxels that
-received data (weight > 0) inside |q| <= q_max, at the native voxel and after b×b×b binning (weighted
-means of the merged voxels; the model averaged over the same voxels with the same weights), for the dark volume, the pumped volume and
-both merged together. For a run without deformation the pumped volume is an independent second sample
-of the same model, so r(dark, pumped) measures the counting-noise limit (Spearman–Brown gives the
-reliability of both halves together).
+crystal size on the merge grid, truth.hdf5 the crystals drawn. VOLUMES.h5 is its `jaxpolaron reduce` output
+(with its work folder VOLUMES.work: the crystal table and the per-crystal scales). Two forward-model
+ensembles (dark tables):
+
+- "merged crystals": Σ_i s_i·|F_size_i|² over the crystals the reduction merged, s_i its scale factor and
+  size_i the size of the true crystal it was indexed as (same frame, smallest misorientation): the crystals
+  and weights the merge actually used (indexing finds large crystals more often than small ones, and the
+  scale normalises each crystal to the reference's brightest pixels).
+- "truth counts": Σ_size n_size·|F_size|², n_size the number of crystals of that size in the truth (every
+  frame), i.e. the ensemble as drawn, blind to which crystals were indexed and how they were scaled.
+
+Pearson's r is taken over the voxels that received data (weight > 0) inside |q| <= q_max, at the native
+voxel and after b×b×b binning (weighted means of the merged voxels; the model averaged over the same voxels
+with the same weights), for the dark volume, the pumped volume and both merged together. For a run without
+deformation the pumped volume is an independent second sample of the same model, so r(dark, pumped)
+measures the counting-noise limit (Spearman–Brown gives the reliability of both halves together).
 """
 
 from __future__ import annotations
@@ -18,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 
+from data_pipeline.crystal_table import read_crystal_table
+from data_pipeline.indexing import misorientation_deg
 from data_pipeline.run_io import read_truth
 from jaxpolaron.io import read_volume_file
 
@@ -36,6 +48,42 @@ def ensemble_model(run: str, n: int) -> tuple[np.ndarray, dict]:
         counts = np.bincount(drawn, minlength=len(dark_index))
         model = sum(float(c) * tables[d, ::step, ::step, ::step] for c, d in zip(counts, dark_index, strict=True))
     return np.asarray(model, np.float64), {f"{s:g} nm": int(c) for s, c in zip(sizes, counts, strict=True)}
+
+
+def dark_tables(run: str, n: int) -> np.ndarray:
+    """(n_sizes, n, n, n) dark |F|² tables subsampled to an n³ merge grid."""
+    with h5py.File(f"{run}/volumes.hdf5") as f:
+        tables, dark_index = f["tables"], f["dark_index"][:]
+        step = (tables.shape[1] - 1) // (n - 1)
+        return np.stack([np.asarray(tables[d, ::step, ::step, ::step], np.float64) for d in dark_index])
+
+
+def merged_crystal_model(
+    run: str, volumes: str, tables: np.ndarray, pumped: bool = False, index_dir: str | None = None
+) -> tuple[np.ndarray, dict]:
+    """Σ_i s_i·|F_size_i|² over the merged crystals of one class (see the module docstring). index_dir: where
+    the reduction's crystals.h5 is (default VOLUMES.work/index, i.e. reduce without --index-dir)."""
+    work = Path(volumes).with_name(Path(volumes).stem + ".work")
+    table = read_crystal_table(Path(index_dir or work / "index") / "crystals.h5")
+    with h5py.File(work / "crystal_scales.h5") as f:
+        scaling = {k: f["scaling"][k][:] for k in ("crystal", "scale", "accepted")}
+    truth = read_truth(run)
+    frame_of = {(int(t), int(p)): i for i, (t, p) in enumerate(zip(truth["trainId"], truth["pulseId"], strict=True))}
+    weight = np.zeros(len(tables))
+    errors = []
+    for row, scale, accepted in zip(scaling["crystal"], scaling["scale"], scaling["accepted"], strict=True):
+        if not accepted or bool(table["pumped"][row]) != pumped:
+            continue
+        i = frame_of.get((int(table["trainId"][row]), int(table["pulseId"][row])), -1)
+        k = int(truth["n_crystals"][i]) if i >= 0 else 0
+        if k == 0:
+            continue
+        err = misorientation_deg(table["rotation"][row][None], truth["rotations"][i, :k])
+        weight[int(truth["size_index"][i, int(np.argmin(err))])] += float(scale)
+        errors.append(float(err.min()))
+    model = np.tensordot(weight, tables, axes=1)
+    info = {"crystals": len(errors), "median_misorientation_deg": float(np.median(errors)) if errors else None}
+    return model, info
 
 
 def bin_volume(values: np.ndarray, weight: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,19 +121,33 @@ def main(argv=None) -> int:
     ap.add_argument("volumes")
     ap.add_argument("--q-max", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--bin", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--index-dir", help="the crystals.h5 folder when reduce ran with --index-dir")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     v = read_volume_file(args.volumes).volumes["grid"]
     axis = np.asarray(v.axes[0], np.float64)
-    model, counts = ensemble_model(args.run, len(axis))
+    tables = dark_tables(args.run, len(axis))
+    truth_model, counts = ensemble_model(args.run, len(axis))
+    models = {"merged crystals": {}, "truth counts": {}}
+    merged = models["merged crystals"]
+    merged["dark"], info_d = merged_crystal_model(args.run, args.volumes, tables, False, args.index_dir)
+    merged["pumped"], info_p = merged_crystal_model(args.run, args.volumes, tables, True, args.index_dir)
+    models["merged crystals"]["dark+pumped"] = models["merged crystals"]["dark"] + models["merged crystals"]["pumped"]
+    for name in ("dark", "pumped", "dark+pumped"):
+        models["truth counts"][name] = truth_model
     wd, wp = np.asarray(v.weight["dark"], np.float64), np.asarray(v.weight["pump"], np.float64)
     dark, pump = np.asarray(v.dark, np.float64), np.asarray(v.pump, np.float64)
     both_w = wd + wp
     both = np.where(both_w > 0, (dark * wd + pump * wp) / np.maximum(both_w, 1e-30), 0.0)
     stats = read_volume_file(args.volumes).statistics or {}
-    result = {"crystals_per_size_in_truth": counts, "merge": stats.get("merge", {}), "pearson": {}}
+    result = {
+        "crystals_per_size_in_truth": counts,
+        "merged_crystals_matched": {"dark": info_d, "pumped": info_p},
+        "merge": stats.get("merge", {}),
+        "pearson": {},
+    }
     voxel = float(axis[1] - axis[0])
-    print(f"truth crystals per size: {counts}")
+    print(f"truth crystals per size: {counts}; merged crystals matched to the truth: dark {info_d}, pumped {info_p}")
     for b in args.bin:
         db, wdb = bin_volume(dark, wd, b)
         pb, wpb = bin_volume(pump, wp, b)
@@ -94,19 +156,28 @@ def main(argv=None) -> int:
         for qmax in args.q_max:
             inside = q <= qmax
             row = {"voxel_inv_A": voxel * b, "q_max": qmax}
-            for name, vol, w in (("dark", db, wdb), ("pumped", pb, wpb), ("dark+pumped", ab, wab)):
-                mb, _ = bin_volume(model, {"dark": wd, "pumped": wp}.get(name, both_w), b)
-                sel = inside & (w > 0)
-                row[name] = {"r": pearson(vol[sel], mb[sel]), "voxels": int(sel.sum())}
+            for model_name, per_class in models.items():
+                row[model_name] = {}
+                for name, vol, w, w_full in (
+                    ("dark", db, wdb, wd),
+                    ("pumped", pb, wpb, wp),
+                    ("dark+pumped", ab, wab, both_w),
+                ):
+                    mb, _ = bin_volume(per_class[name], w_full, b)
+                    sel = inside & (w > 0)
+                    row[model_name][name] = {"r": pearson(vol[sel], mb[sel]), "voxels": int(sel.sum())}
             sel = inside & (wdb > 0) & (wpb > 0)
             r_half = pearson(db[sel], pb[sel])
             row["dark_vs_pumped"] = {"r": r_half, "spearman_brown": 2 * r_half / (1 + r_half)}
             result["pearson"][f"bin{b}_q{qmax:g}"] = row
-            print(
-                f"voxel {voxel * b:.4f} Å⁻¹, |q| <= {qmax:g}: r(dark, model) = {row['dark']['r']:.4f} "
-                f"({row['dark']['voxels']} voxels), r(pumped, model) = {row['pumped']['r']:.4f}, "
-                f"r(dark+pumped, model) = {row['dark+pumped']['r']:.4f}, r(dark, pumped) = {r_half:.4f}"
-            )
+            for model_name in models:
+                r = row[model_name]
+                print(
+                    f"voxel {voxel * b:.4f} Å⁻¹, |q| <= {qmax:g}, {model_name}: dark {r['dark']['r']:.4f} "
+                    f"({r['dark']['voxels']} voxels), pumped {r['pumped']['r']:.4f}, "
+                    f"dark+pumped {r['dark+pumped']['r']:.4f}"
+                )
+            print(f"    r(dark, pumped) = {r_half:.4f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
