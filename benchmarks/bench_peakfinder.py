@@ -1,7 +1,7 @@
 """peakfinder8 throughput on AGIPD-1M frames (16, 512, 128): single frame and batches of 8.
 
     .venv/bin/python benchmarks/bench_peakfinder.py             # current data_pipeline.peakfinder
-    .venv/bin/python benchmarks/bench_peakfinder.py --baseline  # also the committed version (git show HEAD:…)
+    .venv/bin/python benchmarks/bench_peakfinder.py --baseline [REV]  # also the version at git REV (HEAD)
     .venv/bin/python benchmarks/bench_peakfinder.py --repeats 9 --parts
     .venv/bin/python benchmarks/bench_peakfinder.py --ondamonitor   # vs OM's peakfinder8 (make om-venv)
 
@@ -109,9 +109,9 @@ def timeit(fn, repeats):
     return float(np.median(ts))
 
 
-def load_committed():
+def load_committed(rev="HEAD"):
     src = subprocess.run(
-        ["git", "show", "HEAD:data_pipeline/peakfinder.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{rev}:data_pipeline/peakfinder.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     path = os.path.join(tempfile.mkdtemp(), "peakfinder_committed.py")
     with open(path, "w") as f:
@@ -127,7 +127,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--baseline", action="store_true", help="also time the committed (git HEAD) version")
+    ap.add_argument("--baseline", nargs="?", const="HEAD", metavar="REV",
+                    help="also time the version committed at git REV (default HEAD)")  # fmt: skip
     ap.add_argument("--parts", action="store_true", help="time the stages of the fast path separately")
     ap.add_argument("--ondamonitor", action="store_true", help="compare with OM's peakfinder8 (needs .venv-om)")
     ap.add_argument("--om-python", default=os.path.join(ROOT, ".venv-om", "bin", "python"))
@@ -159,7 +160,7 @@ def main():
     rows = [("numpy radial clip only (reference)", t_np, 1)]
     impls = [("current", pf)]
     if args.baseline:
-        impls.insert(0, ("committed", load_committed()))
+        impls.insert(0, ("committed", load_committed(args.baseline)))
     results = {}
     for name, mod in impls:
         kw = {}
