@@ -323,7 +323,7 @@ def time_parts(frame, cfg, bn, repeats):
     cum = jnp.cumsum(row_count)
     n_cand = int(cum[-1])
     m = next((z for z in sizes if z >= n_cand), sizes[-1])
-    ci = pf._compact(rows, m, row_count, cum)[0]
+    ci = pf._compact(rows, m, row_count, cum)
     comps = jax.jit(lambda *a: pf._components_compact(*a, cfg, m))(d, ci, b, stats.offset)
 
     def stats_only(x, bb):

@@ -335,7 +335,7 @@ def _check_shape(shape, config):
 
 def _compact(rows, size, row_count, cum):
     """Flat indices of the True entries of ``rows`` (n_rows, w) bool in raster order, padded with n = rows.size
-    to ``size``, and their count (the indices are incomplete when it exceeds ``size``).
+    to ``size`` (incomplete when there are more than ``size``; the count is ``cum[-1]``).
 
     No whole-array nonzero/scatter (slow on CPU): a prefix sum of the row counts, a binary search of each
     output slot's row, and the slot's rank among its row's True entries. row_count: (n_rows,) int32 True
@@ -346,8 +346,7 @@ def _compact(rows, size, row_count, cum):
     rank = j - (cum[row] - row_count[row])
     prefix = jnp.cumsum(rows[row], axis=1, dtype=jnp.int32)  # (size, w)
     col = jnp.sum(prefix <= rank[:, None], axis=1, dtype=jnp.int32)
-    count = cum[-1]
-    return jnp.where(j < count, row * w + col, rows.size).astype(jnp.int32), count
+    return jnp.where(j < cum[-1], row * w + col, rows.size).astype(jnp.int32)
 
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
@@ -599,7 +598,7 @@ def _back(front, config, tiers):
     count = cum[-1]
 
     def tier(m):
-        return _components_compact(d, _compact(rows, m, row_count, cum)[0], b, stats.offset, config, m)
+        return _components_compact(d, _compact(rows, m, row_count, cum), b, stats.offset, config, m)
 
     which = jnp.minimum(jnp.searchsorted(jnp.asarray(tiers, jnp.int32), count), len(tiers) - 1)
     comps = lax.switch(which, [functools.partial(tier, m) for m in tiers])

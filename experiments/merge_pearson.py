@@ -38,24 +38,22 @@ from data_pipeline.run_io import read_truth
 from jaxpolaron.io import read_volume_file
 
 
-def ensemble_model(run: str, n: int) -> tuple[np.ndarray, dict]:
-    """Σ_size n_size·|F_size|² (dark tables) subsampled to an n³ merge grid, and the crystal counts per size."""
-    truth = read_truth(run)
+def dark_tables(run: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_sizes, n, n, n) dark |F|² tables subsampled to an n³ merge grid, and the sizes (nm)."""
     with h5py.File(f"{run}/volumes.hdf5") as f:
         tables, dark_index, sizes = f["tables"], f["dark_index"][:], f["sizes_nm"][:]
         step = (tables.shape[1] - 1) // (n - 1)
-        drawn = np.concatenate([truth["size_index"][i, :k] for i, k in enumerate(truth["n_crystals"])])
-        counts = np.bincount(drawn, minlength=len(dark_index))
-        model = sum(float(c) * tables[d, ::step, ::step, ::step] for c, d in zip(counts, dark_index, strict=True))
-    return np.asarray(model, np.float64), {f"{s:g} nm": int(c) for s, c in zip(sizes, counts, strict=True)}
+        return np.stack([np.asarray(tables[d, ::step, ::step, ::step], np.float64) for d in dark_index]), sizes
 
 
-def dark_tables(run: str, n: int) -> np.ndarray:
-    """(n_sizes, n, n, n) dark |F|² tables subsampled to an n³ merge grid."""
-    with h5py.File(f"{run}/volumes.hdf5") as f:
-        tables, dark_index = f["tables"], f["dark_index"][:]
-        step = (tables.shape[1] - 1) // (n - 1)
-        return np.stack([np.asarray(tables[d, ::step, ::step, ::step], np.float64) for d in dark_index])
+def ensemble_model(run: str, tables: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Σ_size n_size·|F_size|² from the dark tables, and the crystal counts per size in the truth."""
+    truth = read_truth(run)
+    drawn = np.concatenate([truth["size_index"][i, :k] for i, k in enumerate(truth["n_crystals"])])
+    counts = np.bincount(drawn, minlength=len(tables))
+    return np.tensordot(counts.astype(np.float64), tables, axes=1), {
+        f"{s:g} nm": int(c) for s, c in zip(sizes, counts, strict=True)
+    }
 
 
 def merged_crystal_model(
@@ -124,10 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--index-dir", help="the crystals.h5 folder when reduce ran with --index-dir")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    v = read_volume_file(args.volumes).volumes["grid"]
+    volume_file = read_volume_file(args.volumes)
+    v = volume_file.volumes["grid"]
     axis = np.asarray(v.axes[0], np.float64)
-    tables = dark_tables(args.run, len(axis))
-    truth_model, counts = ensemble_model(args.run, len(axis))
+    tables, sizes = dark_tables(args.run, len(axis))
+    truth_model, counts = ensemble_model(args.run, tables, sizes)
     models = {"merged crystals": {}, "truth counts": {}}
     merged = models["merged crystals"]
     merged["dark"], info_d = merged_crystal_model(args.run, args.volumes, tables, False, args.index_dir)
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     dark, pump = np.asarray(v.dark, np.float64), np.asarray(v.pump, np.float64)
     both_w = wd + wp
     both = np.where(both_w > 0, (dark * wd + pump * wp) / np.maximum(both_w, 1e-30), 0.0)
-    stats = read_volume_file(args.volumes).statistics or {}
+    stats = volume_file.statistics or {}
     result = {
         "crystals_per_size_in_truth": counts,
         "merged_crystals_matched": {"dark": info_d, "pumped": info_p},
