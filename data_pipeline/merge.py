@@ -8,7 +8,8 @@ intensity and its weight to the voxel(s) of q_crystal:
     nearest:    S[v(q)] += s·w·I,  W[v(q)] += w                 (v = the voxel whose centre is nearest)
     trilinear:  S[v_c] += s·w·t_c·I,  W[v_c] += w·t_c            (the 8 corners c, t_c trilinear fractions)
 
-and the merged intensity is S / W where W > 0. Grid: n samples per axis at −q_max + i·voxel, i = 0..n−1,
+and the merged intensity is S / W where W > 0. s is the crystal's scale and w = u·p its weight u (1 in the
+paper's plain mean) times the pixel weight p. Grid: n samples per axis at −q_max + i·voxel, i = 0..n−1,
 voxel = 2 q_max / (n − 1) (the same sampling as `data_pipeline.synthetic` and `jaxpolaron.io` volumes).
 The accumulator is one flat complex64 array of `n_classes × (n³ + 1)`: real part S, imaginary part W, so one
 scatter-add updates both (XLA's CPU scatter costs per index: one complex scatter is ~1.5× faster than a
@@ -18,7 +19,7 @@ on). The accumulator is *donated* to the jitted kernel so XLA updates it in plac
 copies the whole grid (17 M voxels at n = 257) and costs 10× more.
 Sums of many frames are kept in float64 on the host (`add_into`); a kernel call adds one batch.
 
-Pixel weights w: 1 for good pixels, 0 for bad ones and for pixels near peaks of *other* crystals in the
+Pixel weights p: 1 for good pixels, 0 for bad ones and for pixels near peaks of *other* crystals in the
 frame (the paper: "pixels in the neighbourhood of peaks in the pattern, but not indexed into the lattice were
 excluded"); those are given per crystal as flat pixel indices (`CrystalBatch.excluded`, P = none).
 
@@ -112,7 +113,8 @@ class CrystalBatch(NamedTuple):
     slot: (C,) int32 row of the crystal's frame in the batch. rotation: (C, 3, 3) float32, q_lab = R q_crystal.
     scale: (C,) float32 multiplies the intensities (1 for an unscaled merge). klass: (C,) int32 accumulator
     class (0 dark, 1 pumped, or 0 for a single reference). excluded: (C, K) int32 flat pixel indices given
-    zero weight for this crystal (P = padding). count: () int32 number of real crystals.
+    zero weight for this crystal (P = padding). count: () int32 number of real crystals. weight: (C,) float32
+    the crystal's weight in the voxel means (1 for all: the paper's plain mean of scaled intensities).
     """
 
     slot: np.ndarray
@@ -121,13 +123,16 @@ class CrystalBatch(NamedTuple):
     klass: np.ndarray
     excluded: np.ndarray
     count: np.ndarray
+    weight: np.ndarray
 
 
 def pad_crystals(
-    slot, rotation, scale, klass, excluded: list[np.ndarray], *, capacity: int, n_pixels: int, width: int
-) -> CrystalBatch:
+    slot, rotation, scale, klass, excluded: list[np.ndarray], *, capacity: int, n_pixels: int, width: int,
+    weight=None,
+) -> CrystalBatch:  # fmt: skip
     """A CrystalBatch of fixed shapes (capacity crystals, `width` excluded pixels each) from lists; excluded
-    lists longer than `width` are cut (the nearest peaks' pixels come first by construction of the caller)."""
+    lists longer than `width` are cut (the nearest peaks' pixels come first by construction of the caller).
+    weight: per crystal, default 1."""
     n = len(slot)
     if n > capacity:
         raise ValueError(f"{n} crystals exceed the batch capacity {capacity}.")
@@ -143,8 +148,9 @@ def pad_crystals(
         out[:n] = values
         return out
 
+    weight = np.ones(n) if weight is None else weight
     return CrystalBatch(col(slot, np.int32, 0), rot, col(scale, np.float32, 0.0), col(klass, np.int32, 0), ex,
-                        np.int32(n))  # fmt: skip
+                        np.int32(n), col(weight, np.float32, 0.0))  # fmt: skip
 
 
 def empty_accumulator(grid: MergeGrid, n_classes: int) -> jax.Array:
@@ -200,7 +206,7 @@ def merge_batch(
 
     def body(c, acc):
         slot = crystals.slot[c]
-        w = pixel_weight[slot].at[crystals.excluded[c]].set(0.0, mode="drop")
+        w = pixel_weight[slot].at[crystals.excluded[c]].set(0.0, mode="drop") * crystals.weight[c]
         value = intensities[slot] * (w * crystals.scale[c])
         base = crystals.klass[c] * block
         coords = _crystal_coords(q_lab_t, crystals.rotation[c], grid)

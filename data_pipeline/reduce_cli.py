@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="nearest", help="merge into the nearest voxel or trilinear (nearest)")
     p.add_argument("--min-similarity", type=float, default=0.3,
                    help="reject crystals whose cosine similarity to the reference is below this (0.3)")  # fmt: skip
+    p.add_argument("--crystal-weighting", default="inverse-scale",
+                   help="crystals' weight in the voxel means: inverse-scale (Poisson maximum likelihood: "
+                        "faint, strongly scaled crystals count less) or uniform (the paper's plain mean) "
+                        "(inverse-scale)")  # fmt: skip
     p.add_argument("--mask-radius", type=_positive_float, default=4.0,
                    help="pixels excluded around peaks not indexed into a crystal and from backgrounds (4)")  # fmt: skip
     p.add_argument("--background-components", type=_positive_int, default=3, help="SVD components (3)")
@@ -47,8 +51,8 @@ def run(args) -> int:
     if args.scheduler and args.cluster:
         raise InputError("give either --scheduler or --cluster, not both.")
     config = ReduceConfig(grid_n=args.grid, q_max=args.q_max, mode=args.mode, min_similarity=args.min_similarity,
-                          mask_radius_px=args.mask_radius, background_components=args.background_components,
-                          unit_frames=args.unit_frames)  # fmt: skip
+                          crystal_weighting=args.crystal_weighting, mask_radius_px=args.mask_radius,
+                          background_components=args.background_components, unit_frames=args.unit_frames)  # fmt: skip
     out = Path(args.out)
     stats = reduce_run(args.run, out, config=config, index_dir=args.index_dir, work_dir=args.work,
                        scheduler=args.scheduler, cluster=args.cluster, resume=args.resume,

@@ -10,7 +10,8 @@ Stages (each a map over units of frames -> an ordered reduce, `data_pipeline.sca
                polarisation, pixels near peaks not indexed into this crystal excluded) merged without scaling.
   3. final     per crystal: scale = mean of the reference's 10 brightest pixels on its Ewald cut / its own mean
                there; similarity (cosine near predicted Bragg peaks) below `min_similarity` -> rejected; the
-               accepted crystals merged with their scales into dark and pumped volumes.
+               accepted crystals merged with their scales, weighted by 1/scale (`crystal_weighting`), into
+               dark and pumped volumes.
 The virtual powder (integrated peak intensities vs |q|, Fig. 2b purple) comes from the peak lists alone.
 
 Units are groups of whole trains (`unit_frames` frames of interest each), read with extra-data; a train that
@@ -37,6 +38,7 @@ from jaxpolaron.errors import InputError
 log = logging.getLogger(__name__)
 
 CLASSES = ("dark", "pumped")
+CRYSTAL_WEIGHTINGS = ("uniform", "inverse-scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,13 @@ class ReduceConfig:
     near_peak_px: the similarity uses pixels within this many pixels (at the detector centre) of a predicted
         pseudo-cubic Bragg peak (paper: 4). n_brightest: pixels of the scaling (paper: 10).
     min_similarity: crystals whose similarity is below are rejected.
+    crystal_weighting: how the accepted crystals weigh in the final voxel means. "inverse-scale" (default):
+        weight 1/s, i.e. Σ I / Σ (1/s), the maximum-likelihood mean of Poisson counts (var(s·I) ∝ s, so a faint
+        crystal scaled 100× does not bring 100× its counting noise); it estimates the intensity-weighted
+        ensemble mean, which is what the sample scatters and what the ensemble models compute. "uniform": the
+        paper's plain mean of scaled intensities, Σ s·I / N. On a 10,000-frame synthetic run the merged dark
+        volume's Pearson r against the ensemble is 0.979 with inverse-scale, 0.908 uniform
+        (experiments/results/merge_pearson).
     batch_frames: frames per kernel call; unit_frames: frames of interest per map unit (and checkpoint).
     polarisation: correct for horizontal polarisation (EuXFEL).
     """
@@ -63,6 +72,7 @@ class ReduceConfig:
     near_peak_px: float = 4.0
     n_brightest: int = 10
     min_similarity: float = 0.3
+    crystal_weighting: str = "inverse-scale"
     batch_frames: int = 16
     unit_frames: int = 256
     polarisation: bool = True
@@ -74,6 +84,9 @@ class ReduceConfig:
             raise InputError(f"merge mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         if self.grid_n < 3 or not self.q_max > 0:
             raise InputError(f"the grid needs at least 3 samples and q_max > 0, got {self.grid_n}, {self.q_max}.")
+        if self.crystal_weighting not in CRYSTAL_WEIGHTINGS:
+            raise InputError(f"crystal weighting must be one of {', '.join(CRYSTAL_WEIGHTINGS)}, "
+                             f"got {self.crystal_weighting!r}.")  # fmt: skip
         if not -1.0 <= self.min_similarity <= 1.0:
             raise InputError(f"min_similarity is a cosine in [-1, 1], got {self.min_similarity}.")
         if self.background_components < 1 or self.n_brightest < 1 or self.batch_frames < 1 or self.unit_frames < 1:
@@ -262,8 +275,8 @@ def _crystals_of(unit: Unit, pos: np.ndarray, setup: _Setup, ctx: Context, *, kl
     return out._replace(ids=np.array(ids, np.int64))
 
 
-def _padded(crystals: _Crystals, unit: Unit, setup: _Setup, ctx: Context, scale=None):
-    """The fixed-shape CrystalBatch of `crystals` (scale (c,), default 1)."""
+def _padded(crystals: _Crystals, unit: Unit, setup: _Setup, ctx: Context, scale=None, weight=None):
+    """The fixed-shape CrystalBatch of `crystals` (scale and weight (c,), default 1)."""
     from data_pipeline.merge import pad_crystals
 
     scale = np.ones(len(crystals.ids)) if scale is None else scale
@@ -271,7 +284,8 @@ def _padded(crystals: _Crystals, unit: Unit, setup: _Setup, ctx: Context, scale=
     width = max([len(e) for e in crystals.excluded] + [1])
     width = int(2 ** np.ceil(np.log2(width)))  # a few shapes only: few compilations
     return pad_crystals(crystals.slot, np.reshape(crystals.rotation, (-1, 3, 3)), scale, crystals.klass,
-                        crystals.excluded, capacity=capacity, n_pixels=setup.det.q_abs.size, width=width)  # fmt: skip
+                        crystals.excluded, capacity=capacity, n_pixels=setup.det.q_abs.size, width=width,
+                        weight=weight)  # fmt: skip
 
 
 def _max_crystals(unit: Unit) -> int:
@@ -329,7 +343,9 @@ def final_stage(unit: Unit, ctx: Context, reference) -> dict:
         n = len(ids)
         scale, sim, n_sel = (np.asarray(x)[:n] for x in stats)
         accepted = np.isfinite(scale) & (scale > 0) & np.isfinite(sim) & (sim >= cfg.min_similarity)
-        batch = _padded(crystals.subset(accepted), unit, setup, ctx, scale=np.nan_to_num(scale)[accepted])
+        s_acc = scale[accepted]
+        weight = 1.0 / s_acc if cfg.crystal_weighting == "inverse-scale" else None
+        batch = _padded(crystals.subset(accepted), unit, setup, ctx, scale=s_acc, weight=weight)
         acc = merge_batch(acc, intensities, good_j, setup.q_lab_t, batch, grid=grid, mode=cfg.mode)
         for key, v in zip(cols, (ids, scale, sim, n_sel, accepted), strict=True):
             cols[key].append(v)

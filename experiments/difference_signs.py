@@ -1,6 +1,7 @@
 """Do the merged difference volume's (200) and (110) peak shifts have the signs of the model that made the run?
 
-    .venv/bin/python experiments/difference_signs.py RUN_DIR VOLUMES.h5 [--null NULL_VOLUMES.h5] [--out F.json]
+    .venv/bin/python experiments/difference_signs.py RUN_DIR VOLUMES.h5 [--also RUN_DIR2 VOLUMES2.h5 ...]
+        [--null NULL_VOLUMES.h5] [--out F.json]
 
 RUN_DIR is a `jaxpolaron synth-run` directory (its volumes.hdf5 holds the forward-model tables on the merge
 grid: the dark crystal of every size and the pumped hole variants; truth.hdf5 the crystals drawn); VOLUMES.h5
@@ -10,6 +11,10 @@ around it, and the family mean and its standard error are reported (m1_lobe, m1_
 outward). The model volumes are Σ over the run's crystals of their tables (dark: each crystal's size table;
 pumped: its size's tables averaged over the hole variants), i.e. the expected merge without noise. An
 optional null volume (a run without deformation) gives the noise floor of the same metrics.
+
+`--also` adds further runs of the same model (another --seed: new frames and hole variants): their merged
+sums (mean × weight per voxel) are added to the first's before the metrics are taken, and the model volumes
+are averaged in proportion to each run's crystals.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def family(hkl):
     return sorted(out)
 
 
-def model_volumes(run: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+def model_volumes(run: str, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Expected dark and pumped volumes per crystal on an n³ grid, and the run's number of crystals."""
     with h5py.File(f"{run}/volumes.hdf5") as f:
         tables, dark_index, pumped_index = f["tables"], f["dark_index"][:], f["pumped_index"][:]
         step = (tables.shape[1] - 1) // (n - 1)
@@ -55,7 +61,7 @@ def model_volumes(run: str, n: int) -> tuple[np.ndarray, np.ndarray]:
             c * np.mean([tables[p, ::step, ::step, ::step] for p in row], axis=0)
             for c, row in zip(counts, pumped_index, strict=True)
         )
-    return dark / counts.sum(), pump / counts.sum()
+    return dark / counts.sum(), pump / counts.sum(), float(counts.sum())
 
 
 def family_metrics(dark, pump, axis, structure, hkl):
@@ -76,10 +82,18 @@ def family_metrics(dark, pump, axis, structure, hkl):
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))), len(v)) for k, v in values.items()}
 
 
-def measured(path):
-    v = read_volume_file(path).volumes["grid"]
-    dark = np.where(v.weight["dark"] > 0, v.dark, np.nan)
-    pump = np.where(v.weight["pump"] > 0, v.pump, np.nan)
+def measured(*paths):
+    """Dark and pumped means of one or several volume files merged together (NaN where no data), and the axis."""
+    sums = {"dark": 0.0, "pump": 0.0}
+    weights = {"dark": 0.0, "pump": 0.0}
+    for path in paths:
+        v = read_volume_file(path).volumes["grid"]
+        for k, mean in (("dark", v.dark), ("pump", v.pump)):
+            w = np.asarray(v.weight[k], np.float64)
+            sums[k] = sums[k] + np.asarray(mean, np.float64) * w
+            weights[k] = weights[k] + w
+    dark, pump = (np.where(weights[k] > 0, sums[k] / np.where(weights[k] > 0, weights[k], 1.0), np.nan)
+                  for k in ("dark", "pump"))  # fmt: skip
     return dark, pump, np.asarray(v.axes[0])
 
 
@@ -87,15 +101,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("volumes")
+    ap.add_argument("--also", nargs=2, action="append", default=[], metavar=("RUN", "VOLUMES"))
     ap.add_argument("--null")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     structure = read_cif()
-    dark, pump, axis = measured(args.volumes)
-    m_dark, m_pump = model_volumes(args.run, len(axis))
-    stats = read_volume_file(args.volumes).statistics or {}
-    merged = stats.get("merge", {})
-    rows = {"merged": merged}
+    runs = [(args.run, args.volumes), *map(tuple, args.also)]
+    dark, pump, axis = measured(*(vol for _, vol in runs))
+    models = [model_volumes(run, len(axis)) for run, _ in runs]
+    n_total = sum(m[2] for m in models)
+    m_dark = sum(m[0] * m[2] for m in models) / n_total
+    m_pump = sum(m[1] * m[2] for m in models) / n_total
+    merged = [(read_volume_file(vol).statistics or {}).get("merge", {}) for _, vol in runs]
+    rows = {"runs": [list(r) for r in runs], "merged": merged[0] if len(runs) == 1 else merged}
     for hkl in ((2, 0, 0), (1, 1, 0)):
         label = "".join(map(str, hkl))
         rows[label] = {

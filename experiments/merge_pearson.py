@@ -8,7 +8,8 @@ crystal size on the merge grid, truth.hdf5 the crystals drawn. VOLUMES.h5 is its
 (with its work folder VOLUMES.work: the crystal table and the per-crystal scales). Two forward-model
 ensembles (dark tables):
 
-- "merged crystals": Σ_i s_i·|F_size_i|² over the crystals the reduction merged, s_i its scale factor and
+- "merged crystals": Σ_i u_i·s_i·|F_size_i|² over the crystals the reduction merged, s_i its scale factor,
+  u_i its weight in the voxel means (1 for the paper's uniform weighting, 1/s_i for inverse-scale) and
   size_i the size of the true crystal it was indexed as (same frame, smallest misorientation): the crystals
   and weights the merge actually used (indexing finds large crystals more often than small ones, and the
   scale normalises each crystal to the reference's brightest pixels).
@@ -57,10 +58,12 @@ def ensemble_model(run: str, tables: np.ndarray, sizes: np.ndarray) -> tuple[np.
 
 
 def merged_crystal_model(
-    run: str, volumes: str, tables: np.ndarray, pumped: bool = False, index_dir: str | None = None
-) -> tuple[np.ndarray, dict]:
-    """Σ_i s_i·|F_size_i|² over the merged crystals of one class (see the module docstring). index_dir: where
-    the reduction's crystals.h5 is (default VOLUMES.work/index, i.e. reduce without --index-dir)."""
+    run: str, volumes: str, tables: np.ndarray, pumped: bool = False, index_dir: str | None = None,
+    weighting: str = "uniform",
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """Σ_i u_i·s_i·|F_size_i|² over the merged crystals of one class (see the module docstring). index_dir:
+    where the reduction's crystals.h5 is (default VOLUMES.work/index, i.e. reduce without --index-dir);
+    weighting: the reduction's crystal_weighting."""
     work = Path(volumes).with_name(Path(volumes).stem + ".work")
     table = read_crystal_table(Path(index_dir or work / "index") / "crystals.h5")
     with h5py.File(work / "crystal_scales.h5") as f:
@@ -77,7 +80,7 @@ def merged_crystal_model(
         if k == 0:
             continue
         err = misorientation_deg(table["rotation"][row][None], truth["rotations"][i, :k])
-        weight[int(truth["size_index"][i, int(np.argmin(err))])] += float(scale)
+        weight[int(truth["size_index"][i, int(np.argmin(err))])] += 1.0 if weighting == "inverse-scale" else scale
         errors.append(float(err.min()))
     model = np.tensordot(weight, tables, axes=1)
     info = {"crystals": len(errors), "median_misorientation_deg": float(np.median(errors)) if errors else None}
@@ -128,9 +131,12 @@ def main(argv=None) -> int:
     tables, sizes = dark_tables(args.run, len(axis))
     truth_model, counts = ensemble_model(args.run, tables, sizes)
     models = {"merged crystals": {}, "truth counts": {}}
-    merged = models["merged crystals"]
-    merged["dark"], info_d = merged_crystal_model(args.run, args.volumes, tables, False, args.index_dir)
-    merged["pumped"], info_p = merged_crystal_model(args.run, args.volumes, tables, True, args.index_dir)
+    merged, info = models["merged crystals"], {}
+    weighting = (volume_file.config or {}).get("reduce", {}).get("crystal_weighting", "uniform")
+    for name, pumped in (("dark", False), ("pumped", True)):
+        merged[name], info[name] = merged_crystal_model(args.run, args.volumes, tables, pumped, args.index_dir,
+                                                        weighting)  # fmt: skip
+    info_d, info_p = info["dark"], info["pumped"]
     models["merged crystals"]["dark+pumped"] = models["merged crystals"]["dark"] + models["merged crystals"]["pumped"]
     for name in ("dark", "pumped", "dark+pumped"):
         models["truth counts"][name] = truth_model
@@ -143,6 +149,7 @@ def main(argv=None) -> int:
         "crystals_per_size_in_truth": counts,
         "merged_crystals_matched": {"dark": info_d, "pumped": info_p},
         "merge": stats.get("merge", {}),
+        "crystal_weighting": weighting,
         "pearson": {},
     }
     voxel = float(axis[1] - axis[0])

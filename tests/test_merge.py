@@ -35,17 +35,19 @@ def _rotations(n, seed=0):
     return np.asarray(random_rotations(n, key=jax.random.key(seed)), np.float64)
 
 
-def _merge(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, *, n_classes=2, mode="nearest"):
+def _merge(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, *, n_classes=2, mode="nearest",
+           weight=None):  # fmt: skip
     p = det.q_abs.size
-    batch = pad_crystals(slot, rot, scale, klass, excluded, capacity=8, n_pixels=p, width=64)
+    batch = pad_crystals(slot, rot, scale, klass, excluded, capacity=8, n_pixels=p, width=64, weight=weight)
     frames = jnp.asarray(intensities, jnp.float32), jnp.asarray(pixel_weight, jnp.float32)
     acc = empty_accumulator(GRID, n_classes)
     acc = merge_batch(acc, *frames, jnp.asarray(det.q_lab_t), batch, grid=GRID, mode=mode)
     return add_into(None, acc, GRID, n_classes)
 
 
-def _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, n_classes=2):
-    """Reference merge in float64 with np.add.at."""
+def _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, n_classes=2, weight=None):
+    """Reference merge in float64 with np.add.at (weight: per-crystal weights, default 1)."""
+    weight = np.ones(len(slot)) if weight is None else weight
     n = GRID.n
     s = np.zeros((n_classes, n**3))
     w = np.zeros((n_classes, n**3))
@@ -53,7 +55,7 @@ def _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excl
         q = det.q_lab_t.T.astype(np.float64) @ rot[c]
         i = np.rint((q + GRID.q_max) / GRID.voxel).astype(np.int64)
         ok = np.all((i >= 0) & (i < n), axis=1)
-        wt = pixel_weight[slot[c]].astype(np.float64).copy()
+        wt = pixel_weight[slot[c]].astype(np.float64) * weight[c]
         wt[np.asarray(excluded[c], np.int64)] = 0.0
         flat = ((i[:, 0] * n + i[:, 1]) * n + i[:, 2])[ok]
         np.add.at(s[klass[c]], flat, (scale[c] * wt * intensities[slot[c]])[ok])
@@ -61,7 +63,8 @@ def _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excl
     return s.reshape(n_classes, n, n, n), w.reshape(n_classes, n, n, n)
 
 
-def test_nearest_matches_numpy_add_at(det):
+@pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5, 1 / 1.5]])
+def test_nearest_matches_numpy_add_at(det, weight):
     rng = np.random.default_rng(1)
     p = det.q_abs.size
     intensities = rng.poisson(2.0, (3, p)).astype(np.float32)
@@ -69,9 +72,9 @@ def test_nearest_matches_numpy_add_at(det):
     slot, rot = [0, 1, 1, 2], _rotations(4)
     scale, klass = [1.0, 0.5, 2.0, 1.5], [0, 1, 0, 1]
     excluded = [rng.choice(p, 30, replace=False) for _ in slot]
-    got = _merge(det, intensities, pixel_weight, slot, rot, scale, klass, excluded)
-    s, w = _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excluded)
-    np.testing.assert_allclose(got["weight"], w, atol=1e-3)
+    got = _merge(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, weight=weight)
+    s, w = _numpy_nearest(det, intensities, pixel_weight, slot, rot, scale, klass, excluded, weight=weight)
+    np.testing.assert_allclose(got["weight"], w, rtol=1e-5, atol=1e-3)  # float32 sums of weights 1/1.5
     np.testing.assert_allclose(got["sum"], s, rtol=1e-5, atol=1e-3)
     assert w.sum() > 0 and s[1].sum() > 0
 
@@ -118,6 +121,28 @@ def test_weights_scale_classes_and_overflow(det):
     tot = add_into(None, acc, small, 1)
     inside = np.all(np.abs(det.q_lab_t.T @ rot[0]) <= small.q_max + small.voxel / 2, axis=1).sum()
     assert tot["weight"].sum() == pytest.approx(inside, abs=2)
+
+
+def test_inverse_scale_weights_are_the_poisson_maximum_likelihood_mean(det):
+    """Crystals of one orientation whose gains g span 100× see a flat volume M as Poisson counts of mean g·M;
+    scaled by s = 1/g, both weightings are unbiased, but the uniform mean Σ s·I / N carries the faint crystals'
+    noise 100×, while weights 1/s give Σ I / Σ g, whose variance M / Σ g is the Cramér–Rao bound."""
+    rng = np.random.default_rng(3)
+    p = det.q_abs.size
+    gain = np.geomspace(0.01, 1.0, 8)
+    m = 20.0
+    counts = rng.poisson(gain[:, None] * m, (8, p)).astype(np.float32)
+    rot = np.repeat(_rotations(1), 8, axis=0)
+    ones = np.ones((8, p), np.float32)
+    args = (det, counts, ones, np.arange(8), rot, 1.0 / gain, np.zeros(8, int), [[]] * 8)
+    merged = {"uniform": _merge(*args, n_classes=1), "inverse-scale": _merge(*args, n_classes=1, weight=gain)}
+    hit = merged["uniform"]["weight"][0] > 0
+    est = {k: merged_mean(v)[0][hit] for k, v in merged.items()}
+    for e in est.values():
+        assert abs(e.mean() / m - 1) < 0.02  # unbiased
+    # a voxel holding k pixels has variance M / (k Σg) with weights 1/s, M Σ(1/g) / (k N²) uniform: 6.7× more
+    assert np.var(est["inverse-scale"]) <= 1.05 * m / gain.sum()
+    assert np.var(est["uniform"]) > 4 * np.var(est["inverse-scale"])
 
 
 def test_second_call_does_not_compile(det):
