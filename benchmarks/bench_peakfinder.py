@@ -315,28 +315,33 @@ def time_parts(frame, cfg, bn, repeats):
     """Stages of the fast path (private functions of data_pipeline.peakfinder; they may change). Every input
     is a jit argument, not a closure constant (XLA would fold a constant stage away)."""
     sizes = pf._paths(cfg)
-    row = pf._ROW
     front = jax.jit(lambda x, bb: pf._front(x, None, None, cfg, bb))
-    d, g, b, cand, stats = front(frame, bn)
-    rows = cand.reshape(-1, row)
+    d, g, b, stats, v = front(frame, bn)
+    rows, to_flat = pf._candidate_rows(d, g, b, stats, v, bn)
     row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
     cum = jnp.cumsum(row_count)
     n_cand = int(cum[-1])
     m = next((z for z in sizes if z >= n_cand), sizes[-1])
-    ci = pf._compact(rows, m, row_count, cum)
+    ci = to_flat(pf._compact(rows, m, row_count, cum))
     comps = jax.jit(lambda *a: pf._components_compact(*a, cfg, m))(d, ci, b, stats.offset)
 
     def stats_only(x, bb):
-        return pf._radial_statistics_binned(x.reshape(-1), bb, cfg)
+        return pf._radial_statistics_binned(pf._sorted_values(x.reshape(-1), bb), bb, cfg)
 
     def gather_only(x, p):
         return x.reshape(-1).at[p].get(mode="fill", fill_value=jnp.nan)
 
+    def candidates(dd, gg, bb_, st, vv, bb):
+        rr, tf = pf._candidate_rows(dd, gg, bb_, st, vv, bb)
+        rc = jnp.sum(rr, axis=1, dtype=jnp.int32)
+        cu = jnp.cumsum(rc)
+        return tf(pf._compact(rr, m, rc, cu))
+
     parts = [
         ("radial statistics (5 passes)", stats_only, (frame, bn)),
         ("  of which: gather into sorted layout", gather_only, (frame, bn.pixels)),
-        ("front: statistics + candidate map", lambda x, bb: pf._front(x, None, None, cfg, bb), (frame, bn)),
-        (f"compact candidate indices ({m})", lambda r, rc, cu: pf._compact(r, m, rc, cu), (rows, row_count, cum)),
+        ("front: gather + statistics", lambda x, bb: pf._front(x, None, None, cfg, bb), (frame, bn)),
+        (f"candidate map + compact indices ({m})", candidates, (d, g, b, stats, v, bn)),
         ("components (compact)", lambda *a: pf._components_compact(*a, cfg, m), (d, ci, b, stats.offset)),
         ("local background + acceptance + sort", lambda *a: pf._measure(*a, cfg), (d, g, b, stats, comps)),
         ("whole find_peaks", lambda x: pf.find_peaks(x, None, None, cfg, binning=bn), (frame,)),

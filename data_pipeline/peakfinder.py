@@ -37,14 +37,15 @@ keep the ``max_num_peaks`` brightest.
 JAX formulation (why it looks different from the C): all shapes are static and nothing loops over pixels.
 Frames stay in their (P, ss, fs) layout; ASIC borders are coordinate tests. Radial statistics: with a
 ``RadialBinning`` (``make_binning``, host side, once per geometry and mask) the good pixels are gathered once
-per frame into rows of 64 pixels of one panel and one bin (sorted by panel, then bin: a cache-friendly
-gather); each clipping pass is a dense row reduction plus a small segment sum over rows, the passes unrolled
-(a loop would copy the frame-sized layout into its carry on every call). Without it, a scatter over all
-pixels. Candidate pixels are rare: they are compacted (raster order) by a row-count prefix sum and a binary
-search into a list whose static size is picked per frame by a ``lax.switch`` (1024, 4096 or
-``max_num_candidates``: the work follows the candidate count), and components are found on that list by
-iterative min-label propagation over the 8 neighbours plus pointer jumping, inside a bounded
-``lax.while_loop``; per-component sums are segment sums over the list. A frame with more candidates is redone
+per frame into rows of 64 pixels of one bin (sorted by bin, then raster order: a cache-friendly gather);
+each clipping pass is a dense row reduction plus a small segment sum over rows, the passes unrolled (a loop
+would copy the frame-sized layout into its carry on every call). Without it, a scatter over all pixels.
+Candidate pixels are rare: they are found in the sorted layout (one threshold per row), compacted by a
+row-count prefix sum and a binary search into a list whose static size is picked per frame by a
+``lax.switch`` (1024, 4096 or ``max_num_candidates``: the work follows the candidate count) and sorted back
+to raster order; components are found on that list by iterative min-label propagation over the 8 neighbours
+(looked up by binary search in the list) plus pointer jumping, inside a bounded ``lax.while_loop``;
+per-component sums are segment sums over the list. A frame with more candidates is redone
 on the whole frame (3×3 min-pool propagation and dense segment sums; identical results). The background discs
 are measured for the first 128, 512 or ``max_num_components`` components, again the smallest that
 holds all that were found.
@@ -169,19 +170,21 @@ def _good_and_bins(mask, radius, config):
 class RadialBinning(NamedTuple):
     """Precomputed radial binning of one geometry + mask (build it with :func:`make_binning`, host side).
 
-    The good pixels (mask, ``min_res <= r <= max_res``) sorted by panel, then radial bin, then raster order,
-    cut into rows of ``W`` pixels, each row holding pixels of a single panel and bin (the last row of a group
-    is padded): a per-bin reduction is then a dense row reduction plus a segment sum over the R rows.
+    The good pixels (mask, ``min_res <= r <= max_res``) sorted by radial bin, then raster order, cut into rows
+    of ``W`` pixels of a single bin: the full rows of every bin, and apart the last, partial row of each bin
+    (padded). A per-bin reduction is then a dense row reduction plus a segment sum over the rows.
 
-    pixels: (R, W) int32 flat index into the (P, ss, fs) frame (padding: P·ss·fs, one past the end, which
-    a gather with mode "fill" reads as NaN). valid: (R, W) bool, False = padding. row_bin: (R,) int32 bin of
-    each row. good: (P, ss, fs) bool and bins: (P, ss, fs) int32, the good-pixel map and radial bin of every
-    pixel.
+    pixels: (R, W) int32 flat index into the (P, ss, fs) frame of the full rows; row_bin: (R,) int32 their bin.
+    tail_pixels: (T, W) int32 the partial rows, padded with P·ss·fs (one past the end, which a gather with
+    mode "fill" reads as NaN); tail_row_bin: (T,) int32. Kept apart so that the full rows, almost all pixels,
+    are gathered without bounds handling (~25 % faster). good: (P, ss, fs) bool and bins: (P, ss, fs) int32,
+    the good-pixel map and radial bin of every pixel.
     """
 
     pixels: jax.Array
-    valid: jax.Array
     row_bin: jax.Array
+    tail_pixels: jax.Array
+    tail_row_bin: jax.Array
     good: jax.Array
     bins: jax.Array
 
@@ -203,22 +206,28 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     pix = np.flatnonzero(good)
     if config.radial_pixels_per_bin:
         pix = pix[_subsample(bins.reshape(-1)[pix], config.radial_pixels_per_bin)]
-    key = (pix // (radius.shape[1] * radius.shape[2])) * nb + bins.reshape(-1)[pix]
+    # By bin only (not panel first): a bin's ~1000 pixels make few partial rows, and consecutive bins touch
+    # neighbouring cache lines of every panel, so the gather stays cache-friendly.
+    key = bins.reshape(-1)[pix]
     order = np.argsort(key, kind="stable")
     pix, key = pix[order], key[order]
     start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
     counts = np.diff(np.r_[start, key.size])
-    rows_per_group = -(-counts // row_width)
-    n_rows = max(int(rows_per_group.sum()), 1)
     rank = np.arange(pix.size) - np.repeat(start, counts)
-    row = np.repeat(np.cumsum(rows_per_group) - rows_per_group, counts) + rank // row_width
-    pixels = np.full((n_rows, row_width), radius.size, np.int32)
-    valid = np.zeros((n_rows, row_width), bool)
-    row_bin = np.zeros(n_rows, np.int32)
-    pixels[row, rank % row_width] = pix
-    valid[row, rank % row_width] = True
-    row_bin[row] = key % nb
-    return RadialBinning(*(jnp.asarray(x) for x in (pixels, valid, row_bin, good, bins)))
+    n_full = np.repeat(counts // row_width, counts)  # full rows of the pixel's bin
+    in_full = rank < n_full * row_width
+    full_rows = counts // row_width
+    row = np.repeat(np.cumsum(full_rows) - full_rows, counts) + rank // row_width
+    pixels = np.zeros((int(full_rows.sum()), row_width), np.int32)
+    pixels[row[in_full], rank[in_full] % row_width] = pix[in_full]
+    row_bin = np.repeat(key[start], full_rows).astype(np.int32)
+    has_tail = counts % row_width > 0
+    tail_row = np.repeat(np.cumsum(has_tail) - has_tail, counts)
+    tail_pixels = np.full((max(int(has_tail.sum()), 1), row_width), radius.size, np.int32)
+    tail_pixels[tail_row[~in_full], rank[~in_full] % row_width] = pix[~in_full]
+    tail_row_bin = np.zeros(len(tail_pixels), np.int32)
+    tail_row_bin[: int(has_tail.sum())] = key[start][has_tail]
+    return RadialBinning(*(jnp.asarray(x) for x in (pixels, row_bin, tail_pixels, tail_row_bin, good, bins)))
 
 
 def _subsample(pixel_bins, n_per_bin):
@@ -291,19 +300,26 @@ def _row_moments(v, keep):
     return jnp.einsum("krw,w->rk", x, jnp.ones(v.shape[1], v.dtype), precision=lax.Precision.HIGHEST)
 
 
-def _radial_statistics_binned(d_flat, binning: RadialBinning, config):
-    """Same statistics from the pre-sorted layout: one gather, then dense row sums per pass."""
-    rb = binning.row_bin
-    # Padding reads as NaN (its index is out of bounds): it fails both threshold comparisons, so neither the
-    # gather nor the passes need a separate validity mask.
-    v = d_flat.at[binning.pixels].get(mode="fill", fill_value=jnp.nan)  # (R, W)
+def _sorted_values(d_flat, binning: RadialBinning):
+    """The frame's values in the binning's sorted layout: (full rows (R, W), partial rows (T, W)). Padding
+    reads as NaN (its index is out of bounds): it fails every threshold comparison, so nothing downstream
+    needs a separate validity mask."""
+    full = d_flat.at[binning.pixels].get(mode="promise_in_bounds")
+    return full, d_flat.at[binning.tail_pixels].get(mode="fill", fill_value=jnp.nan)
+
+
+def _radial_statistics_binned(v, binning: RadialBinning, config):
+    """Same statistics from the values in the pre-sorted layout (`_sorted_values`): dense row sums per pass."""
+    blocks = tuple(zip(v, (binning.row_bin, binning.tail_row_bin), strict=True))
+    row_bin = jnp.concatenate([binning.row_bin, binning.tail_row_bin])
 
     def one_pass(_, carry):
         upper, lower, *_ = carry
-        rows = _row_moments(v, (v < upper[rb][:, None]) & (v > lower[rb][:, None]))
-        return _clip_pass(jax.ops.segment_sum(rows, rb, num_segments=config.n_radial_bins), config)
+        rows = [_row_moments(x, (x < upper[rb][:, None]) & (x > lower[rb][:, None])) for x, rb in blocks]
+        return _clip_pass(jax.ops.segment_sum(jnp.concatenate(rows), row_bin, num_segments=config.n_radial_bins),
+                          config)  # fmt: skip
 
-    return _clip_loop(one_pass, v.dtype, config)
+    return _clip_loop(one_pass, v[0].dtype, config)
 
 
 def radial_statistics(
@@ -320,7 +336,7 @@ def radial_statistics(
     binning = _ensure_binning(mask, radius, config, binning)
     if binning is None:
         return _radial_statistics_scatter(data, mask, radius, config)
-    return _radial_statistics_binned(data.reshape(-1), binning, config)
+    return _radial_statistics_binned(_sorted_values(data.reshape(-1), binning), binning, config)
 
 
 def _check_shape(shape, config):
@@ -382,8 +398,8 @@ def _interior(ay, ax, config):
 def _components_compact(d, ci, bins, offset, config, m):
     """Components of the candidate pixels compacted to ``m`` entries (raster order, so a component's smallest
     compact index is its smallest flat index: labels, roots and their order are those of _components_dense).
-    ci: (m,) int32 candidate flat indices in raster order, padded with d.size (from _compact; complete only
-    when the frame has at most m candidates, else the dense version must be used).
+    ci: (m,) int32 candidate flat indices in ascending (raster) order, padded with d.size (complete only when
+    the frame has at most m candidates, else the dense version must be used).
     Returns (n_components, root flat index (K,), sums (K, 8), max value (K,)) for the first K =
     max_num_components surviving roots in raster order."""
     shape = d.shape
@@ -391,13 +407,18 @@ def _components_compact(d, ci, bins, offset, config, m):
     a_ss, a_fs = config.asic_shape
     ok = ci < n
     own = jnp.arange(m, dtype=jnp.int32)
-    inv = jnp.full(n, m, jnp.int32).at[ci].set(own, mode="drop")  # flat index -> compact index (m: none)
     _, _, _, ay, ax = _coords(ci, shape, config)
+
+    def compact_index(flat):
+        # ci is sorted: a binary search finds a neighbour's compact index (m: not a candidate) without a
+        # frame-sized inverse map (filling one cost more than all the searches).
+        at = jnp.minimum(jnp.searchsorted(ci, flat, method="scan_unrolled").astype(jnp.int32), m - 1)
+        return jnp.where(ci[at] == flat, at, m)
+
     nbr_list = []
     for dy, dx in _NEIGHBOURS:
         inb = ok & (ay + dy >= 0) & (ay + dy < a_ss) & (ax + dx >= 0) & (ax + dx < a_fs)
-        j = jnp.where(inb, ci + dy * f + dx, 0)
-        nbr_list.append(jnp.where(inb, inv[j], m))
+        nbr_list.append(jnp.where(inb, compact_index(ci + dy * f + dx), m))
     nbr = jnp.stack(nbr_list, -1)  # (m, 8), m = no candidate neighbour
 
     def sweep(state):
@@ -565,16 +586,16 @@ def _measure(d, g, b, stats, comps, config) -> PeakList:
 
 
 def _front(data, mask, radius, config, binning):
-    """Radial statistics and the frame arrays: value, good, bin, candidate (good and above threshold)."""
+    """Radial statistics and the frame arrays: value, good, bin, stats, and the values in the sorted layout
+    when that layout holds every good pixel (no subsampling; else None)."""
     d = data.astype(jnp.float32)
     if binning is None:
         stats = _radial_statistics_scatter(d, mask, radius, config)
         g, b = _good_and_bins(mask, radius, config)
-    else:
-        stats = _radial_statistics_binned(d.reshape(-1), binning, config)
-        g, b = binning.good, binning.bins
-    cand = g & (d > stats.threshold[b])
-    return d, g, b, cand, stats
+        return d, g, b, stats, None
+    v = _sorted_values(d.reshape(-1), binning)
+    stats = _radial_statistics_binned(v, binning, config)
+    return d, binning.good, binning.bins, stats, (None if config.radial_pixels_per_bin else v)
 
 
 def _paths(config):
@@ -584,21 +605,49 @@ def _paths(config):
     return tuple(sorted({min(z, top) for z in _CANDIDATE_TIERS} | {top}))
 
 
-def _back(front, config, tiers):
+def _candidate_rows(d, g, b, stats, v, binning):
+    """The candidate map (good and above its bin's threshold) as rows for `_compact`, and the function taking
+    the compacted positions to ascending flat pixel indices (padding: d.size).
+
+    With the values in the sorted layout at hand (v), the map is taken there: a dense compare against one
+    threshold per row, instead of a frame-sized gather of per-pixel thresholds. Its candidates then come in
+    bin order and are sorted back to raster order (a few thousand entries)."""
+    if v is None:
+        f = d.shape[2]
+        rows = (g & (d > stats.threshold[b])).reshape(-1, min(_ROW, f) if f % _ROW == 0 else f)
+        return rows, lambda idx: idx
+    full, tail = v
+    thr = stats.threshold
+    cand = jnp.concatenate([full > thr[binning.row_bin][:, None], tail > thr[binning.tail_row_bin][:, None]])
+    w = full.shape[1]
+    rows = cand.reshape(-1, _ROW if w % _ROW == 0 else w)
+    n_full = binning.pixels.size
+
+    def to_flat(idx):
+        flat = binning.tail_pixels.reshape(-1).at[idx - n_full].get(mode="fill", fill_value=d.size)
+        if n_full:
+            in_full = binning.pixels.reshape(-1).at[jnp.minimum(idx, n_full - 1)].get(mode="promise_in_bounds")
+            flat = jnp.where(idx < n_full, in_full, flat)
+        return jnp.sort(flat)
+
+    return rows, to_flat
+
+
+def _back(front, config, tiers, binning):
     """Components and measurement; tiers: compacted-candidate list sizes from _paths (() = whole-frame path).
     Returns (peaks, overflow)."""
-    d, g, b, cand, stats = front
+    d, g, b, stats, v = front
     if not tiers:
+        cand = g & (d > stats.threshold[b])
         comps, overflow = _components_dense(d, cand, b, stats.offset, config), jnp.array(False)
         return _measure(d, g, b, stats, comps, config), overflow
-    f = d.shape[2]
-    rows = cand.reshape(-1, min(_ROW, f) if f % _ROW == 0 else f)
+    rows, to_flat = _candidate_rows(d, g, b, stats, v, binning)
     row_count = jnp.sum(rows, axis=1, dtype=jnp.int32)
     cum = jnp.cumsum(row_count)  # inclusive
     count = cum[-1]
 
     def tier(m):
-        return _components_compact(d, _compact(rows, m, row_count, cum), b, stats.offset, config, m)
+        return _components_compact(d, to_flat(_compact(rows, m, row_count, cum)), b, stats.offset, config, m)
 
     which = jnp.minimum(jnp.searchsorted(jnp.asarray(tiers, jnp.int32), count), len(tiers) - 1)
     comps = lax.switch(which, [functools.partial(tier, m) for m in tiers])
@@ -608,7 +657,7 @@ def _back(front, config, tiers):
 @functools.partial(jax.jit, static_argnames=("config", "tiers"))
 def _find_peaks_one(data, mask, radius, config, binning, tiers):
     _check_shape(data.shape, config)
-    return _back(_front(data, mask, radius, config, binning), config, tiers)
+    return _back(_front(data, mask, radius, config, binning), config, tiers, binning)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tiers"))
@@ -616,7 +665,7 @@ def _find_peaks_many(frames, mask, radius, config, binning, tiers):
     _check_shape(frames.shape[1:], config)
     # One frame after the other (lax.map) rather than vmap: on CPU the vmapped program is no faster per frame
     # and its B-times-larger buffers cost page faults on every call.
-    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), config, tiers), frames)
+    return lax.map(lambda f: _back(_front(f, mask, radius, config, binning), config, tiers, binning), frames)
 
 
 def _traced(*xs):

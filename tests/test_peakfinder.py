@@ -236,6 +236,26 @@ def test_binning_path_matches_scatter_path():
     assert int(pk.n_peaks) == len(CLEAN) + 2
 
 
+def test_binning_layout_holds_every_good_pixel_once_in_rows_of_one_bin():
+    from data_pipeline.peakfinder import make_binning
+
+    _, r = make_frame(CLEAN, seed=21)
+    mask = np.random.default_rng(2).random(SHAPE) > 0.05
+    cfg = Peakfinder8Config(**{**CFG.__dict__, "min_res": 20.0, "max_res": 150.0})
+    bn = make_binning(r, mask, cfg)
+    full, tail = np.asarray(bn.pixels), np.asarray(bn.tail_pixels)
+    n = r.size
+    assert (full < n).all()  # full rows: no padding
+    listed = np.concatenate([full.ravel(), tail[tail < n]])
+    good = np.flatnonzero(mask & (r >= 20.0) & (r <= 150.0))
+    np.testing.assert_array_equal(np.sort(listed), good)  # every good pixel exactly once
+    bins = np.asarray(bn.bins).ravel()
+    for rows, row_bin in ((full, np.asarray(bn.row_bin)), (tail, np.asarray(bn.tail_row_bin))):
+        values = np.where(rows < n, bins[np.minimum(rows, n - 1)], -1)
+        assert ((values == row_bin[:, None]) | (rows == n)).all()  # one bin per row
+    assert len(np.unique(np.asarray(bn.tail_row_bin))) == len(tail)  # at most one partial row per bin
+
+
 def test_candidate_overflow_falls_back_to_whole_frame():
     """More candidate pixels than max_num_candidates: the whole-frame path gives identical results."""
     frames = np.stack([make_frame(CLEAN[i:], seed=30 + i)[0] for i in range(2)])
