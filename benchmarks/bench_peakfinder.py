@@ -23,7 +23,8 @@ With ``--ondamonitor`` the same frames are written to a temporary .npz and run t
 (``.venv-om/bin/python benchmarks/om_reference.py``: normal and fast_mode, 1 and 2 processes) in alternating
 rounds with ours (single frame, batched, and our fast mode ``radial_pixels_per_bin=100``); each timing is the
 best of ``--rounds`` rounds. Single frames are device arrays; batches are host (numpy) arrays, as the ``index``
-command reads them from the run. Two frame sets: the spot frames above, and synthetic AGIPD frames of the product
+command reads them from the run (64-byte aligned, as ``index`` allocates them: XLA then takes them
+uncopied). Two frame sets: the spot frames above, and synthetic AGIPD frames of the product
 (``data_pipeline.synthetic``: 4/5/6 nm CsPbBr3 crystals, every frame a hit, 1e14 photons/µm², photon units;
 peak finder settings adc_threshold 2, minimum_snr 5, max_pixel_count 400 as for photon data, and with
 adc_threshold 0). Recall = fraction of OM (normal mode) peaks matched by one of ours within 1.5 px on the same
@@ -262,11 +263,14 @@ def compare_ondamonitor(args):
         fr_d, mask_d, r_d = jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(radius)
         bn, bn_fast = pf.make_binning(radius, mask, cfg), pf.make_binning(radius, mask, fast)
         a = (fr_d, mask_d, r_d)
-        host = (np.asarray(frames, np.float32), mask, radius)  # what `jaxpolaron index` hands find_peaks_batch
+        # what `jaxpolaron index` hands find_peaks_batch: host frames, 64-byte aligned (reach XLA uncopied)
+        aligned = host.aligned_empty(frames.shape, np.float32)
+        aligned[:] = frames
+        on_host = (aligned, mask, radius)
         ours = {
             "ours single": lambda c=cfg, b=bn, a=a: [pf.find_peaks(f, a[1], a[2], c, b) for f in a[0]],
-            "ours batched": lambda c=cfg, b=bn, h=host: pf.find_peaks_batch(*h, c, b),
-            "ours fast batched": lambda c=fast, b=bn_fast, h=host: pf.find_peaks_batch(*h, c, b),
+            "ours batched": lambda c=cfg, b=bn, h=on_host: pf.find_peaks_batch(*h, c, b),
+            "ours fast batched": lambda c=fast, b=bn_fast, h=on_host: pf.find_peaks_batch(*h, c, b),
         }
         best = dict.fromkeys([*ours, "OM normal", "OM fast", "OM fast 2 proc"], 0.0)
         om_out = os.path.join(tmp, "om.npz")

@@ -212,6 +212,7 @@ def process_run(
     from data_pipeline import run_io
     from data_pipeline.crystal_table import CrystalTableWriter
     from data_pipeline.geometry import pixel_positions, pixel_q, pixel_radius
+    from data_pipeline.host import aligned_empty
     from data_pipeline.indexing import structure_lattice
     from data_pipeline.peakfinder import find_peaks_batch, make_binning
     from jaxpolaron.io import provenance
@@ -294,7 +295,9 @@ def process_run(
             if state["train"] is not None and ch.train_id == state["train"] and skip > 0:
                 skip -= len(ch.pulse_ids)  # already committed before the interruption
                 continue
-            frames = np.where(ch.good, ch.frames, np.float32(0.0))
+            frames = aligned_empty(ch.frames.shape, np.float32)  # reaches the peak finder without a copy
+            np.copyto(frames, ch.frames)
+            np.copyto(frames, np.float32(0.0), where=~ch.good)
             pk = jax.tree.map(np.asarray, find_peaks_batch(frames, static_good, radius, pcfg, binning))
             row0 = cxi.n_frames
             cxi.append(pk, np.full(len(ch.pulse_ids), ch.train_id, np.uint64), ch.pulse_ids, ch.pumped)

@@ -66,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from data_pipeline.host import aligned_empty, is_aligned
+
 _FLT_MAX = float(np.finfo(np.float32).max)
 _FLT_MIN = float(np.finfo(np.float32).tiny)  # the reference's (odd) lower threshold of an empty bin
 _CANDIDATE_TIERS = (1024, 4096)  # compacted-candidate list sizes (and max_num_candidates)
@@ -743,7 +745,7 @@ def _on_device(shared, device):
 def _run_on_devices(frames, mask, radius, config, binning, tiers):
     """`_find_peaks_many` with the batch split across the local devices (several CPU devices: see
     `data_pipeline.host.use_cpu_cores`), all dispatched before any result is awaited, so the parts run
-    concurrently.
+    concurrently. Frames from `host.aligned_empty` reach the devices without a copy.
 
     Every part is padded to the same length (one compiled program per device) with copies of its first frame.
     Returns (PeakList, overflow) with the leading batch axis of `frames`.
@@ -760,8 +762,12 @@ def _run_on_devices(frames, mask, radius, config, binning, tiers):
     parts = []
     for k, dev in enumerate(devices):
         part = frames[k * per : (k + 1) * per]
-        pad = np.broadcast_to(part[:1], (per - len(part), *part.shape[1:]))
-        part = np.concatenate([part, pad]) if len(pad) else part
+        if len(part) < per or not is_aligned(part):
+            # an aligned part is passed without a copy (host.aligned_empty); else it is copied here, once
+            buf = aligned_empty((per, *part.shape[1:]), np.float32)
+            buf[: len(part)] = part
+            buf[len(part) :] = part[:1]
+            part = buf
         mk, r, b = _on_device(shared, dev)
         parts.append(_find_peaks_many(jax.device_put(part, dev), mk, r, config, b, tiers))
     out = [jax.tree.map(np.asarray, p) for p in parts]  # the one wait, after every part is dispatched
