@@ -411,17 +411,14 @@ def _components_compact(d, ci, bins, offset, config, m):
     own = jnp.arange(m, dtype=jnp.int32)
     _, _, _, ay, ax = _coords(ci, shape, config)
 
-    def compact_index(flat):
-        # ci is sorted: a binary search finds a neighbour's compact index (m: not a candidate) without a
-        # frame-sized inverse map (filling one cost more than all the searches).
-        at = jnp.minimum(jnp.searchsorted(ci, flat, method="scan_unrolled").astype(jnp.int32), m - 1)
-        return jnp.where(ci[at] == flat, at, m)
-
-    nbr_list = []
-    for dy, dx in _NEIGHBOURS:
-        inb = ok & (ay + dy >= 0) & (ay + dy < a_ss) & (ax + dx >= 0) & (ax + dx < a_fs)
-        nbr_list.append(jnp.where(inb, compact_index(ci + dy * f + dx), m))
-    nbr = jnp.stack(nbr_list, -1)  # (m, 8), m = no candidate neighbour
+    inb = jnp.stack(
+        [ok & (ay + dy >= 0) & (ay + dy < a_ss) & (ax + dx >= 0) & (ax + dx < a_fs) for dy, dx in _NEIGHBOURS], -1
+    )
+    target = ci[:, None] + jnp.asarray([dy * f + dx for dy, dx in _NEIGHBOURS], jnp.int32)  # (m, 8) flat
+    # ci is sorted: one binary search finds every neighbour's compact index without a frame-sized inverse
+    # map (filling one cost more than all the searches).
+    at = jnp.minimum(jnp.searchsorted(ci, target.reshape(-1)).astype(jnp.int32), m - 1).reshape(m, 8)
+    nbr = jnp.where(inb & (ci[at] == target), at, m)  # (m, 8), m = no candidate neighbour
 
     def sweep(state):
         lab, _, it = state
