@@ -759,8 +759,8 @@ def _run_on_devices(frames, mask, radius, config, binning, tiers):
     parts = []
     for k, dev in enumerate(devices):
         part = frames[k * per : (k + 1) * per]
-        if len(part) < per or not is_aligned(part):
-            # an aligned part is passed without a copy (host.aligned_empty); else it is copied here, once
+        if len(part) < per or part.dtype != np.float32 or not is_aligned(part):
+            # an aligned float32 part is passed without a copy (host.aligned_empty); else it is copied here once
             buf = aligned_empty((per, *part.shape[1:]), np.float32)
             buf[: len(part)] = part
             buf[len(part) :] = part[:1]
