@@ -131,6 +131,7 @@ def test_corrupt_file_is_skipped_and_reported(run_dir, reduced, tmp_path):
     ("extra", "message"),
     [
         (["--mode", "cubic"], "merge mode must be one of"),
+        (["--crystal-weighting", "mean"], "crystal weighting must be one of"),
         (["--scheduler", "local:0"], "local:N needs N >= 1"),
         (["--scheduler", "http://x:1"], "scheduler must be local:N or tcp://HOST:PORT"),
     ],
