@@ -83,18 +83,22 @@ def family_metrics(dark, pump, axis, structure, hkl):
 
 
 def measured(*paths):
-    """Dark and pumped means of one or several volume files merged together (NaN where no data), and the axis."""
+    """Dark and pumped means of one or several volume files merged together (NaN where no data), the axis and
+    each file's merge statistics."""
     sums = {"dark": 0.0, "pump": 0.0}
     weights = {"dark": 0.0, "pump": 0.0}
+    merge_stats = []
     for path in paths:
-        v = read_volume_file(path).volumes["grid"]
+        vf = read_volume_file(path)
+        merge_stats.append((vf.statistics or {}).get("merge", {}))
+        v = vf.volumes["grid"]
         for k, mean in (("dark", v.dark), ("pump", v.pump)):
             w = np.asarray(v.weight[k], np.float64)
             sums[k] = sums[k] + np.asarray(mean, np.float64) * w
             weights[k] = weights[k] + w
     dark, pump = (np.where(weights[k] > 0, sums[k] / np.where(weights[k] > 0, weights[k], 1.0), np.nan)
                   for k in ("dark", "pump"))  # fmt: skip
-    return dark, pump, np.asarray(v.axes[0])
+    return dark, pump, np.asarray(v.axes[0]), merge_stats
 
 
 def main(argv=None) -> int:
@@ -107,22 +111,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     structure = read_cif()
     runs = [(args.run, args.volumes), *map(tuple, args.also)]
-    dark, pump, axis = measured(*(vol for _, vol in runs))
+    dark, pump, axis, merged = measured(*(vol for _, vol in runs))
     models = [model_volumes(run, len(axis)) for run, _ in runs]
     n_total = sum(m[2] for m in models)
     m_dark = sum(m[0] * m[2] for m in models) / n_total
     m_pump = sum(m[1] * m[2] for m in models) / n_total
-    merged = [(read_volume_file(vol).statistics or {}).get("merge", {}) for _, vol in runs]
     rows = {"runs": [list(r) for r in runs], "merged": merged[0] if len(runs) == 1 else merged}
+    null = measured(args.null)[:2] if args.null else None
     for hkl in ((2, 0, 0), (1, 1, 0)):
         label = "".join(map(str, hkl))
         rows[label] = {
             "model": family_metrics(m_dark, m_pump, axis, structure, hkl),
             "measured": family_metrics(dark, pump, axis, structure, hkl),
         }
-        if args.null:
-            nd, npump, _ = measured(args.null)
-            rows[label]["null"] = family_metrics(nd, npump, axis, structure, hkl)
+        if null is not None:
+            rows[label]["null"] = family_metrics(*null, axis, structure, hkl)
     for label in ("200", "110"):
         for metric in METRICS:
             parts = []
