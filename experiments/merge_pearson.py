@@ -51,9 +51,8 @@ def dark_tables(run: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([np.asarray(tables[d, ::step, ::step, ::step], np.float64) for d in dark_index]), sizes
 
 
-def ensemble_model(run: str, tables: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, dict]:
+def ensemble_model(truth: dict, tables: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, dict]:
     """Σ_size n_size·|F_size|² from the dark tables, and the crystal counts per size in the truth."""
-    truth = read_truth(run)
     drawn = np.concatenate([truth["size_index"][i, :k] for i, k in enumerate(truth["n_crystals"])])
     counts = np.bincount(drawn, minlength=len(tables))
     return np.tensordot(counts.astype(np.float64), tables, axes=1), {
@@ -61,48 +60,52 @@ def ensemble_model(run: str, tables: np.ndarray, sizes: np.ndarray) -> tuple[np.
     }
 
 
-def merged_crystal_model(
-    run: str, volumes: str, tables: np.ndarray, pumped: bool = False, index_dir: str | None = None,
-    weighting: str = "uniform",
-) -> tuple[np.ndarray, dict]:  # fmt: skip
-    """Σ_i u_i·s_i·|F_size_i|² over the merged crystals of one class (see the module docstring). index_dir:
-    where the reduction's crystals.h5 is (default VOLUMES.work/index, i.e. reduce without --index-dir);
-    weighting: the reduction's crystal_weighting."""
+def match_merged_crystals(truth: dict, volumes: str, index_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Every merged (accepted) crystal matched to the true crystal of its frame with the smallest
+    misorientation: {"pumped", "scale", "size", "error_deg"}, one entry each. index_dir: where the reduction's
+    crystals.h5 is (default VOLUMES.work/index, i.e. reduce without --index-dir)."""
     work = Path(volumes).with_name(Path(volumes).stem + ".work")
     table = read_crystal_table(Path(index_dir or work / "index") / "crystals.h5")
     with h5py.File(work / "crystal_scales.h5") as f:
         scaling = {k: f["scaling"][k][:] for k in ("crystal", "scale", "accepted")}
-    truth = read_truth(run)
     frame_of = {(int(t), int(p)): i for i, (t, p) in enumerate(zip(truth["trainId"], truth["pulseId"], strict=True))}
-    weight = np.zeros(len(tables))
-    errors, pairs = [], []
+    out: dict[str, list] = {"pumped": [], "scale": [], "size": [], "error_deg": []}
     for row, scale, accepted in zip(scaling["crystal"], scaling["scale"], scaling["accepted"], strict=True):
-        if not accepted or bool(table["pumped"][row]) != pumped:
-            continue
         i = frame_of.get((int(table["trainId"][row]), int(table["pulseId"][row])), -1)
         k = int(truth["n_crystals"][i]) if i >= 0 else 0
-        if k == 0:
+        if not accepted or k == 0:
             continue
         err = misorientation_deg(table["rotation"][row][None], truth["rotations"][i, :k])
-        size = int(truth["size_index"][i, int(np.argmin(err))])
-        weight[size] += 1.0 if weighting == "inverse-scale" else scale
-        errors.append(float(err.min()))
-        pairs.append((float(scale), size))
+        out["pumped"].append(bool(table["pumped"][row]))
+        out["scale"].append(float(scale))
+        out["size"].append(int(truth["size_index"][i, int(np.argmin(err))]))
+        out["error_deg"].append(float(err.min()))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def merged_crystal_model(
+    matched: dict[str, np.ndarray], tables: np.ndarray, pumped: bool = False, weighting: str = "uniform"
+) -> tuple[np.ndarray, dict]:
+    """Σ_i u_i·s_i·|F_size_i|² over the merged crystals of one class (see the module docstring); matched: from
+    `match_merged_crystals`; weighting: the reduction's crystal_weighting."""
+    sel = matched["pumped"] == pumped if len(matched["pumped"]) else np.zeros(0, bool)
+    scale, size, errors = matched["scale"][sel], matched["size"][sel].astype(int), matched["error_deg"][sel]
+    u_s = np.ones_like(scale) if weighting == "inverse-scale" else scale
+    weight = np.bincount(size, weights=u_s, minlength=len(tables))
     model = np.tensordot(weight, tables, axes=1)
-    info = {"crystals": len(errors), "median_misorientation_deg": float(np.median(errors)) if errors else None,
-            "scale_vs_truth": scale_correlation(pairs, tables)}  # fmt: skip
+    info = {"crystals": len(errors), "median_misorientation_deg": float(np.median(errors)) if len(errors) else None,
+            "scale_vs_truth": scale_correlation(scale, size, tables)}  # fmt: skip
     return model, info
 
 
-def scale_correlation(pairs: list[tuple[float, int]], tables: np.ndarray) -> dict:
+def scale_correlation(scale: np.ndarray, size: np.ndarray, tables: np.ndarray) -> dict:
     """Pearson r of log(scale) vs log(true factor) over the merged crystals, the true factor being 1 / the peak
     |F|² of the crystal's true size (the fluence is the same for every crystal of a synthetic run)."""
-    if len(pairs) < 3:
-        return {"r_log": None, "crystals": len(pairs)}
-    scale, size = (np.asarray(x) for x in zip(*pairs, strict=True))
+    if len(scale) < 3:
+        return {"r_log": None, "crystals": len(scale)}
     peak = tables.reshape(len(tables), -1).max(axis=1)
     r = np.corrcoef(np.log(scale), np.log(1.0 / peak[size]))[0, 1]
-    return {"r_log": float(r), "crystals": len(pairs)}
+    return {"r_log": float(r), "crystals": len(scale)}
 
 
 def bin_volume(values: np.ndarray, weight: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,13 +150,14 @@ def main(argv=None) -> int:
     v = volume_file.volumes["grid"]
     axis = np.asarray(v.axes[0], np.float64)
     tables, sizes = dark_tables(args.run, len(axis))
-    truth_model, counts = ensemble_model(args.run, tables, sizes)
+    truth = read_truth(args.run)
+    truth_model, counts = ensemble_model(truth, tables, sizes)
     models = {"merged crystals": {}, "truth counts": {}}
     merged, info = models["merged crystals"], {}
     weighting = (volume_file.config or {}).get("reduce", {}).get("crystal_weighting", "uniform")
+    matched = match_merged_crystals(truth, args.volumes, args.index_dir)
     for name, pumped in (("dark", False), ("pumped", True)):
-        merged[name], info[name] = merged_crystal_model(args.run, args.volumes, tables, pumped, args.index_dir,
-                                                        weighting)  # fmt: skip
+        merged[name], info[name] = merged_crystal_model(matched, tables, pumped, weighting)
     info_d, info_p = info["dark"], info["pumped"]
     models["merged crystals"]["dark+pumped"] = models["merged crystals"]["dark"] + models["merged crystals"]["pumped"]
     for name in ("dark", "pumped", "dark+pumped"):
