@@ -37,7 +37,7 @@ keep the ``max_num_peaks`` brightest.
 JAX formulation (why it looks different from the C): all shapes are static and nothing loops over pixels.
 Frames stay in their (P, ss, fs) layout; ASIC borders are coordinate tests. Radial statistics: with a
 ``RadialBinning`` (``make_binning``, host side, once per geometry and mask) the good pixels are gathered once
-per frame into rows of 64 pixels of one bin (sorted by bin, then raster order: a cache-friendly gather);
+per frame into rows of 64 pixels of one bin, the rows in the order of their first pixel (cache-friendly);
 each clipping pass is a dense row reduction plus a small segment sum over rows, the passes unrolled (a loop
 would copy the frame-sized layout into its carry on every call). Without it, a scatter over all pixels.
 Candidate pixels are rare: they are found in the sorted layout (one threshold per row), compacted by a
@@ -174,7 +174,8 @@ class RadialBinning(NamedTuple):
 
     The good pixels (mask, ``min_res <= r <= max_res``) sorted by radial bin, then raster order, cut into rows
     of ``W`` pixels of a single bin: the full rows of every bin, and apart the last, partial row of each bin
-    (padded). A per-bin reduction is then a dense row reduction plus a segment sum over the rows.
+    (padded); each set of rows ordered by its first pixel. A per-bin reduction is then a dense row reduction
+    plus a segment sum over the rows.
 
     pixels: (R, W) int32 flat index into the (P, ss, fs) frame of the full rows; row_bin: (R,) int32 their bin.
     tail_pixels: (T, W) int32 the partial rows, padded with P·ss·fs (one past the end, which a gather with
@@ -208,8 +209,7 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     pix = np.flatnonzero(good)
     if config.radial_pixels_per_bin:
         pix = pix[_subsample(bins.reshape(-1)[pix], config.radial_pixels_per_bin)]
-    # By bin only (not panel first): a bin's ~1000 pixels make few partial rows, and consecutive bins touch
-    # neighbouring cache lines of every panel, so the gather stays cache-friendly.
+    # Rows are cut by bin only (not panel first): a bin's ~1000 pixels make few partial rows.
     key = bins.reshape(-1)[pix]
     order = np.argsort(key, kind="stable")
     pix, key = pix[order], key[order]
@@ -229,6 +229,13 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     tail_pixels[tail_row[~in_full], rank[~in_full] % row_width] = pix[~in_full]
     tail_row_bin = np.zeros(len(tail_pixels), np.int32)
     tail_row_bin[: int(has_tail.sum())] = key[start][has_tail]
+    # Rows in the order of their first pixel, not of their bin: rows of neighbouring bins that cover the same
+    # detector rows then follow each other and share cache lines, and the gather of a frame into this layout
+    # takes a third of the time it takes with the rows in bin order (0.7 vs 1.7 ms on one core).
+    by_pixel = np.argsort(pixels[:, 0], kind="stable")
+    pixels, row_bin = pixels[by_pixel], row_bin[by_pixel]
+    by_pixel = np.argsort(tail_pixels[:, 0], kind="stable")
+    tail_pixels, tail_row_bin = tail_pixels[by_pixel], tail_row_bin[by_pixel]
     return RadialBinning(*(jnp.asarray(x) for x in (pixels, row_bin, tail_pixels, tail_row_bin, good, bins)))
 
 
