@@ -507,15 +507,25 @@ def _measure_chunk(d_flat, g_flat, b_flat, stats, root, s, dmax_r, shape, config
     com_x0 = jnp.rint(s[:, 3] / abs_net).astype(jnp.int32)
     cy, cx = com_y0 - y0, com_x0 - x0  # in the ASIC
 
+    # The background disc (radius 2R about the centroid pixel, offsets -2R..2R-1 as the reference) clipped
+    # to the ASIC, read as one window per component that stays inside the ASIC: contiguous rows instead of
+    # a gather per disc pixel with its own index arithmetic.
     r2 = 2 * config.local_bg_radius
-    grid_y, grid_x = np.meshgrid(np.arange(-r2, r2), np.arange(-r2, r2), indexing="ij")
-    disc = grid_y**2 + grid_x**2 <= r2**2
-    py, px = cy[:, None] + jnp.asarray(grid_y[disc]), cx[:, None] + jnp.asarray(grid_x[disc])  # (C, n_disc)
-    inside = (py >= 0) & (py < a_ss) & (px >= 0) & (px < a_fs)
-    pflat = (y0[:, None] + jnp.clip(py, 0, a_ss - 1)) * f + x0[:, None] + jnp.clip(px, 0, a_fs - 1)
-    vals = d_flat[pflat]
+    ny, nx = min(2 * r2, a_ss), min(2 * r2, a_fs)
+    wy, wx = jnp.clip(cy - r2, 0, a_ss - ny), jnp.clip(cx - r2, 0, a_fs - nx)  # window origin in the ASIC
+    start_y, start_x = y0 + wy, x0 + wx  # in the (P·ss, fs) stacked frame
+
+    def windows(a):
+        a2 = a.reshape(-1, f)
+        return jax.vmap(lambda y, x: lax.dynamic_slice(a2, (y, x), (ny, nx)))(start_y, start_x).reshape(len(root), -1)
+
+    oy, ox = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    dy = wy[:, None] + jnp.asarray(oy.ravel()) - cy[:, None]  # (C, ny·nx) offsets from the centroid pixel
+    dx = wx[:, None] + jnp.asarray(ox.ravel()) - cx[:, None]
+    disc = (dy >= -r2) & (dy < r2) & (dx >= -r2) & (dx < r2) & (dy * dy + dx * dx <= r2 * r2)
+    vals = windows(d_flat)
     # Background pixels: good and strictly below their bin's threshold (pixels of any peak are above it).
-    w = inside & g_flat[pflat] & (vals < stats.threshold[b_flat[pflat]])
+    w = disc & windows(g_flat) & (vals < stats.threshold[windows(b_flat)])
     n_bg = jnp.sum(w, axis=1)
     safe_n = jnp.maximum(n_bg, 1)
     mean_bg = jnp.sum(jnp.where(w, vals, 0.0), axis=1) / safe_n
