@@ -44,11 +44,11 @@ Candidate pixels are rare: they are found in the sorted layout (one threshold pe
 row-count prefix sum and a binary search into a list whose static size is picked per frame by a
 ``lax.switch`` (1024, 4096 or ``max_num_candidates``: the work follows the candidate count) and sorted back
 to raster order; components are found on that list by iterative min-label propagation over the 8 neighbours
-(looked up by binary search in the list) plus pointer jumping, inside a bounded ``lax.while_loop``;
-per-component sums are segment sums over the list. A frame with more candidates is redone
-on the whole frame (3×3 min-pool propagation and dense segment sums; identical results). The background discs
-are measured for the first 128, 512 or ``max_num_components`` components, again the smallest that
-holds all that were found.
+(adjacent list entries on the same row, one binary search each for the rows above and below) plus pointer
+jumping, inside a bounded ``lax.while_loop``; per-component sums are segment sums over the list. A frame with
+more candidates is redone on the whole frame (3×3 min-pool propagation and dense segment sums; identical
+results). The background discs (one window per component inside its ASIC) are measured for the first 128,
+512 or ``max_num_components`` components, again the smallest that holds all that were found.
 
 Coordinates: ``fs``/``ss`` are in pixels of the panel (module) array, with integer values at pixel centres
 (OM/cfelpyutils convention; CrystFEL adds 0.5 when it stores a peak). Intensities are in detector units (ADU
@@ -421,11 +421,19 @@ def _components_compact(d, ci, bins, offset, config, m):
     inb = jnp.stack(
         [ok & (ay + dy >= 0) & (ay + dy < a_ss) & (ax + dx >= 0) & (ax + dx < a_fs) for dy, dx in _NEIGHBOURS], -1
     )
-    target = ci[:, None] + jnp.asarray([dy * f + dx for dy, dx in _NEIGHBOURS], jnp.int32)  # (m, 8) flat
-    # ci is sorted: one binary search finds every neighbour's compact index without a frame-sized inverse
-    # map (filling one cost more than all the searches).
-    at = jnp.minimum(jnp.searchsorted(ci, target.reshape(-1)).astype(jnp.int32), m - 1).reshape(m, 8)
-    nbr = jnp.where(inb & (ci[at] == target), at, m)  # (m, 8), m = no candidate neighbour
+    # ci is sorted (raster order), so the neighbours are found without a frame-sized inverse map: those on
+    # the same row are the adjacent entries, and the three of the row above (below) are among the three
+    # entries from the first one >= ci - f - 1 (ci + f - 1): one binary search per row, not per neighbour.
+    ext = jnp.concatenate([ci, jnp.full(3, np.iinfo(np.int32).min, jnp.int32)])  # equals no target
+    cols = []
+    for dy in (-1, 0, 1):
+        first = jnp.searchsorted(ci, ci + (dy * f - 1)).astype(jnp.int32) if dy else own - 1
+        seen = [(first + j, ext[first + j]) for j in range(3)] if dy else [(first, ext[first]), (own + 1, ext[own + 1])]
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                t = ci + (dy * f + dx)
+                cols.append(functools.reduce(lambda acc, pv, t=t: jnp.where(pv[1] == t, pv[0], acc), seen, m))
+    nbr = jnp.where(inb, jnp.stack(cols, -1), m)  # (m, 8) in _NEIGHBOURS order, m = no candidate neighbour
 
     def sweep(state):
         lab, _, it = state
