@@ -20,8 +20,9 @@ simulate: $(STAMP)
 	mkdir -p out
 	$(BIN)/jaxpolaron simulate --ensemble --grid 128 --out out/ensemble_5nm.h5 --png out/ensemble_5nm.png --json
 
+# Two worker processes, each test file in one of them (module fixtures are built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
