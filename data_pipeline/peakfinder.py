@@ -427,15 +427,15 @@ def _components_compact(d, ci, bins, offset, config, m):
     # ci is sorted (raster order), so the neighbours are found without a frame-sized inverse map: those on
     # the same row are the adjacent entries, and the three of the row above (below) are among the three
     # entries from the first one >= ci - f - 1 (ci + f - 1): one binary search per row, not per neighbour.
-    ext = jnp.concatenate([ci, jnp.full(3, np.iinfo(np.int32).min, jnp.int32)])  # equals no target
-    cols = []
-    for dy in (-1, 0, 1):
-        first = jnp.searchsorted(ci, ci + (dy * f - 1)).astype(jnp.int32) if dy else own - 1
-        seen = [(first + j, ext[first + j]) for j in range(3)] if dy else [(first, ext[first]), (own + 1, ext[own + 1])]
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                t = ci + (dy * f + dx)
-                cols.append(functools.reduce(lambda acc, pv, t=t: jnp.where(pv[1] == t, pv[0], acc), seen, m))
+    padded = jnp.concatenate([ci, jnp.full(3, np.iinfo(np.int32).min, jnp.int32)])  # no target past the end
+
+    def position_of(target, positions):
+        """The one of ``positions`` (each (m,)) whose entry is ``target``, else m."""
+        return functools.reduce(lambda acc, p: jnp.where(padded[p] == target, p, acc), positions, jnp.int32(m))
+
+    first = {dy: jnp.searchsorted(ci, ci + (dy * f - 1)).astype(jnp.int32) for dy in (-1, 1)}
+    near = {-1: [first[-1] + j for j in range(3)], 0: [own - 1, own + 1], 1: [first[1] + j for j in range(3)]}
+    cols = [position_of(ci + (dy * f + dx), near[dy]) for dy, dx in _NEIGHBOURS]
     nbr = jnp.where(inb, jnp.stack(cols, -1), m)  # (m, 8) in _NEIGHBOURS order, m = no candidate neighbour
 
     def sweep(state):
