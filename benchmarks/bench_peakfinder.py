@@ -332,9 +332,6 @@ def time_parts(frame, cfg, bn, repeats):
     def stats_only(x, bb):
         return pf._radial_statistics_binned(pf._sorted_values(x.reshape(-1), bb), bb, cfg)
 
-    def gather_only(x, p):
-        return x.reshape(-1).at[p].get(mode="fill", fill_value=jnp.nan)
-
     def candidates(dd, gg, bb_, st, vv, bb):
         rr, tf = pf._candidate_rows(dd, gg, bb_, st, vv, bb)
         rc = jnp.sum(rr, axis=1, dtype=jnp.int32)
@@ -343,7 +340,7 @@ def time_parts(frame, cfg, bn, repeats):
 
     parts = [
         ("radial statistics (5 passes)", stats_only, (frame, bn)),
-        ("  of which: gather into sorted layout", gather_only, (frame, bn.pixels)),
+        ("  of which: gather into sorted layout", lambda x, bb: pf._sorted_values(x.reshape(-1), bb), (frame, bn)),
         ("front: gather + statistics", lambda x, bb: pf._front(x, None, None, cfg, bb), (frame, bn)),
         (f"candidate map + compact indices ({m})", candidates, (d, g, b, stats, v, bn)),
         ("components (compact)", lambda *a: pf._components_compact(*a, cfg, m), (d, ci, b, stats.offset)),

@@ -243,17 +243,16 @@ def test_binning_layout_holds_every_good_pixel_once_in_rows_of_one_bin():
     mask = np.random.default_rng(2).random(SHAPE) > 0.05
     cfg = Peakfinder8Config(**{**CFG.__dict__, "min_res": 20.0, "max_res": 150.0})
     bn = make_binning(r, mask, cfg)
-    full, tail = np.asarray(bn.pixels), np.asarray(bn.tail_pixels)
-    n = r.size
-    assert (full < n).all()  # full rows: no padding
-    listed = np.concatenate([full.ravel(), tail[tail < n]])
+    pixels, row_bin, row_len = (np.asarray(x) for x in (bn.pixels, bn.row_bin, bn.row_len))
+    assert ((pixels >= 0) & (pixels < r.size)).all()  # every entry in bounds, padding included
+    in_row = np.arange(pixels.shape[1]) < row_len[:, None]
     good = np.flatnonzero(mask & (r >= 20.0) & (r <= 150.0))
-    np.testing.assert_array_equal(np.sort(listed), good)  # every good pixel exactly once
+    np.testing.assert_array_equal(np.sort(pixels[in_row]), good)  # every good pixel exactly once
     bins = np.asarray(bn.bins).ravel()
-    for rows, row_bin in ((full, np.asarray(bn.row_bin)), (tail, np.asarray(bn.tail_row_bin))):
-        values = np.where(rows < n, bins[np.minimum(rows, n - 1)], -1)
-        assert ((values == row_bin[:, None]) | (rows == n)).all()  # one bin per row
-    assert len(np.unique(np.asarray(bn.tail_row_bin))) == len(tail)  # at most one partial row per bin
+    assert ((bins[pixels] == row_bin[:, None]) | ~in_row).all()  # one bin per row
+    partial = row_len < pixels.shape[1]
+    assert len(np.unique(row_bin[partial])) == partial.sum()  # at most one partial row per bin
+    assert (np.diff(pixels[:, 0]) > 0).all()  # rows in the order of their first pixel
 
 
 def test_candidate_overflow_falls_back_to_whole_frame():
