@@ -559,43 +559,41 @@ def _measure_chunk(d_flat, g_flat, b_flat, stats, root, s, dmax_r, shape, config
 
 def _measure(d, g, b, stats, comps, config) -> PeakList:
     """Local background, re-integration, acceptance and sorting of the compacted components. Only the first
-    n of them are measured, n the smallest of _MEASURE_TIERS (or max_num_components) that holds them all."""
+    n of them are measured and sorted, n the smallest of _MEASURE_TIERS (or max_num_components) that holds
+    them all."""
     n_components, root, s, dmax_r = comps
-    k = config.max_num_components
+    k, m = config.max_num_components, config.max_num_peaks
     d_flat, g_flat, b_flat = d.reshape(-1), g.reshape(-1), b.reshape(-1)
 
     def measure_first(size):
         part = _measure_chunk(d_flat, g_flat, b_flat, stats, root[:size], s[:size], dmax_r[:size], d.shape, config)
-        return tuple(jnp.pad(p, (0, k - size)) for p in part)  # padding: not accepted
+        accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix = part
+        accept = accept & (jnp.arange(size) < n_components)
+        # The accepted peaks by total intensity, the first max_num_peaks of them (ties: raster order).
+        _, order = lax.top_k(jnp.where(accept, total, -jnp.inf), min(size, m))
+        keep = accept[order]
+
+        def out(x, fill=0):
+            return jnp.pad(jnp.where(keep, x[order], fill), (0, m - len(order)), constant_values=fill)
+
+        return PeakList(
+            n_peaks=jnp.minimum(jnp.sum(accept, dtype=jnp.int32), m),
+            n_components=n_components,
+            fs=out(fs),
+            ss=out(ss),
+            panel=out(panel, -1),
+            total_intensity=out(total),
+            n_pixels=out(npix),
+            max_intensity=out(peak_max),
+            local_sigma=out(local_sigma),
+            snr=out(snr),
+        )
 
     # A lax.switch over static sizes rather than a loop over chunks: a while loop would copy the frame-sized
     # arrays it reads into its carry on every call.
     sizes = sorted({min(z, k) for z in _MEASURE_TIERS} | {k})
     tier = jnp.searchsorted(jnp.asarray(sizes), jnp.minimum(n_components, k))
-    outs = lax.switch(tier, [functools.partial(measure_first, z) for z in sizes])
-    accept, total, peak_max, local_sigma, snr, fs, ss, panel, npix = outs
-    accept = accept & (jnp.arange(k) < n_components)
-
-    # Sort accepted peaks by total intensity and keep max_num_peaks of them.
-    m = config.max_num_peaks
-    _, order = lax.top_k(jnp.where(accept, total, -jnp.inf), m)
-    keep = accept[order]
-
-    def pad(x, fill=0):
-        return jnp.where(keep, x[order], fill)
-
-    return PeakList(
-        n_peaks=jnp.minimum(jnp.sum(accept, dtype=jnp.int32), m),
-        n_components=n_components,
-        fs=pad(fs),
-        ss=pad(ss),
-        panel=pad(panel, -1),
-        total_intensity=pad(total),
-        n_pixels=pad(npix),
-        max_intensity=pad(peak_max),
-        local_sigma=pad(local_sigma),
-        snr=pad(snr),
-    )
+    return lax.switch(tier, [functools.partial(measure_first, z) for z in sizes])
 
 
 # --- whole frames ----------------------------------------------------------------------------------------------
