@@ -220,6 +220,7 @@ def make_binning(radius, mask, config: Peakfinder8Config, row_width: int = 64) -
     pixels = np.full((n_rows, row_width), -1, np.int64)
     pixels[row, rank % row_width] = pix
     row_len = (pixels >= 0).sum(axis=1).astype(np.int32)
+    # Padding repeats the row's first pixel (clip: the one placeholder row of a binning with no good pixel).
     pixels = np.where(pixels >= 0, pixels, pixels[:, :1]).clip(0).astype(np.int32)
     row_bin = np.zeros(n_rows, np.int32)
     row_bin[: int(rows_per_bin.sum())] = np.repeat(key[start], rows_per_bin)

@@ -57,10 +57,9 @@ class ReduceConfig:
         crystal scaled 100× does not bring 100× its counting noise); it estimates the intensity-weighted
         ensemble mean, which is what the sample scatters and what the ensemble models compute; the volume's
         weights W are then Σ 1/s over the visits, and I / W is a voxel's Poisson variance (what the fit's
-        "poisson" weighting assumes). "uniform": the
-        paper's plain mean of scaled intensities, Σ s·I / N. On a 10,000-frame synthetic run the merged dark
-        volume's Pearson r against the ensemble is 0.979 with inverse-scale, 0.908 uniform
-        (experiments/results/merge_pearson).
+        "poisson" weighting assumes). "uniform": the paper's plain mean of scaled intensities, Σ s·I / N. On a
+        10,000-frame synthetic run the merged dark volume's Pearson r against the ensemble is 0.979 with
+        inverse-scale, 0.908 uniform (experiments/results/merge_pearson).
     batch_frames: frames per kernel call; unit_frames: frames of interest per map unit (and checkpoint).
     polarisation: correct for horizontal polarisation (EuXFEL).
     """

@@ -88,7 +88,7 @@ def merged_crystal_model(
 ) -> tuple[np.ndarray, dict]:
     """Σ_i u_i·s_i·|F_size_i|² over the merged crystals of one class (see the module docstring); matched: from
     `match_merged_crystals`; weighting: the reduction's crystal_weighting."""
-    sel = matched["pumped"] == pumped if len(matched["pumped"]) else np.zeros(0, bool)
+    sel = matched["pumped"] == pumped
     scale, size, errors = matched["scale"][sel], matched["size"][sel].astype(int), matched["error_deg"][sel]
     u_s = np.ones_like(scale) if weighting == "inverse-scale" else scale
     weight = np.bincount(size, weights=u_s, minlength=len(tables))
