@@ -67,6 +67,7 @@ __all__ = [
     "ChargeField",
     "RandomHole",
     "charge_displacement",
+    "displacement_scale",
     "electron_field",
     "hole_field",
     "hole_position",
@@ -170,9 +171,15 @@ def charge_displacement(
     field = hole_field(positions, hole, softening) + jnp.asarray(electron_strength) * electron_field(
         positions, crystal.size
     )
+    return displacement_scale(crystal, charges=charges, k=k, amplitude=amplitude)[:, None] * field
+
+
+def displacement_scale(
+    crystal: Nanocrystal, *, charges: Float[ArrayLike, " S"], k: Float[ArrayLike, " S"], amplitude: Float[ArrayLike, ""]
+) -> Float[Array, " n"]:
+    """A (10 Å)² q_s / k_s per atom (n,), Å³/e (0 on padded atoms): the field-to-displacement factor."""
     per_species = jnp.asarray(charges) / jnp.asarray(k)
-    scale = jnp.asarray(amplitude) * REFERENCE_DISTANCE**2 * species_values(crystal, per_species) * crystal.mask
-    return scale[:, None] * field
+    return jnp.asarray(amplitude) * REFERENCE_DISTANCE**2 * species_values(crystal, per_species) * crystal.mask
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -252,6 +259,15 @@ class ChargeField(Deformation):
             softening=self.softening,
             electron_strength=self.electron_strength,
         )
+
+    def scale(self, crystal: Nanocrystal) -> Float[Array, " n"]:
+        """A (10 Å)² q_s / k_s per atom (n,), Å³/e; 0 on padded atoms."""
+        return displacement_scale(crystal, charges=self.charges, k=self.k, amplitude=self.amplitude)
+
+    def electron_displacement(self, crystal: Nanocrystal) -> Float[Array, "n 3"]:
+        """The part of the displacement due to the electron sphere (n, 3) Å: the same for every hole."""
+        field = self.electron_strength * electron_field(crystal.positions, crystal.size)
+        return self.scale(crystal)[:, None] * field
 
 
 class RandomHole(ChargeField):
