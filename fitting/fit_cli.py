@@ -56,8 +56,9 @@ def add_parser(sub) -> None:
         help="peak (as per-crystal scaling), number, or dark (a size mixture per family fitted to the dark) (peak)",
     )
     p.add_argument("--occupancy", default="paper", help="paper (P = 0.37, 0.50, 0.13) or one-pair (paper)")
-    p.add_argument("--method", default="linear", help="linear, second or exact ΔI (linear)")
+    p.add_argument("--method", default="linear", help="accurate, linear, second or exact ΔI (linear)")
     p.add_argument("--holes", type=_positive_int, default=256, help="hole samples per size (256)")
+    p.add_argument("--nodes", type=_positive_int, default=4096, help="quadrature nodes of --method accurate (4096)")
     p.add_argument("--weighting", default="poisson", help="poisson, relative, lsq (merge counts) or uniform (poisson)")
     p.add_argument(
         "--scale",
@@ -100,6 +101,7 @@ def run(args) -> int:
         occupancy=args.occupancy,
         method=args.method,
         n_holes=args.holes,
+        nodes=args.nodes,
         seed=args.seed,
         weighting=args.weighting,
         scale=args.scale,

@@ -26,6 +26,7 @@ from fitting.windows import MeasuredWindows, extract_windows, make_layout
 from jaxpolaron.ensemble import METHODS
 from jaxpolaron.errors import InputError
 from jaxpolaron.excitation import Occupancy
+from jaxpolaron.hole_quadrature import DEFAULT_NODES, valid_node_count
 from jaxpolaron.reciprocal import hkl_label
 from jaxpolaron.structure import CrystalStructure, read_cif
 
@@ -53,7 +54,8 @@ class FitConfig:
         its peak, as the reduction's per-crystal scaling does; "number": plain Gamma weights; "dark": one
         mixture of the sizes per reflection family fitted to the measured dark, `forward.calibrate_to_dark`).
     ions/exponent/centre: scattering factors and crystal cut. occupancy: "paper" (γ0t = 1, γ1/γ0 = 0.4) or
-        "one-pair". method/n_holes/seed: ΔI method, hole samples per size and their PRNG seed.
+        "one-pair". method/n_holes/seed: ΔI method, hole samples per size and their PRNG seed; nodes: the
+        quadrature nodes of method "accurate" (no seed).
     weighting/scale: see fitting.objective. optimizer/learning_rate/max_steps/patience/rel_tol/starts/
         start_width: the descent (starts drawn in z ± start_width). profile: a parameter to profile, or None.
     """
@@ -73,6 +75,7 @@ class FitConfig:
     occupancy: str = "paper"
     method: str = "linear"
     n_holes: int = 256
+    nodes: int = DEFAULT_NODES
     seed: int = 0
     weighting: str = "poisson"
     scale: str = "dark"
@@ -96,6 +99,7 @@ class FitConfig:
             (self.size_weighting in SIZE_WEIGHTINGS, f"size weighting must be one of {', '.join(SIZE_WEIGHTINGS)}"),
             (self.half >= 1 and self.starts >= 1 and self.max_steps >= 1, "half, starts and steps must be >= 1"),
             (self.learning_rate > 0 and self.n_holes >= 1, "learning rate and hole samples must be positive"),
+            (valid_node_count(self.nodes), f"--nodes must be a power of two >= 32, got {self.nodes}"),
             (self.profile is None or self.profile in self.fit, f"--profile {self.profile} is not a fitted parameter"),
         ]
         for ok, message in checks:
@@ -155,6 +159,7 @@ def build_objective(config: FitConfig, windows: MeasuredWindows, structure: Crys
         n_holes=device_multiple(config.n_holes),
         method=config.method,  # type: ignore[arg-type]
         key=jax.random.key(config.seed),
+        nodes=config.nodes,
     )
     if config.size_weighting == "dark":
         forward = calibrate_to_dark(forward, windows)

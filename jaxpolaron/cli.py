@@ -108,8 +108,16 @@ def _add_simulate(sub) -> None:
     )
     method.add_argument("--linear", dest="method", action="store_const", const="linear", help="first order (default)")
     method.add_argument("--second-order", dest="method", action="store_const", const="second", help="+ 2nd order")
+    method.add_argument(
+        "--accurate",
+        dest="method",
+        action="store_const",
+        const="accurate",
+        help="random hole: quadrature hole average, exact near pairs (within 1-2 %% of --exact, no seed)",
+    )
     m = p.add_argument_group("model parameters")
     m.add_argument("--holes", type=int, default=64, help="hole samples per crystal size (random-hole; 64)")
+    m.add_argument("--nodes", type=int, default=4096, help="quadrature nodes of --accurate (a power of two; 4096)")
     m.add_argument("--seed", type=int, default=0, help="PRNG seed for hole sampling (0)")
     add_deformation_arguments(m)
     m.add_argument("--ground-xyz", help="external model: ground-state geometry (.xyz, Å, crystal frame)")
@@ -176,6 +184,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         x64=args.x64,
         method=args.method or "linear",
         holes=args.holes,
+        nodes=args.nodes,
         seed=args.seed,
         gamma0_t=args.gamma0_t,
         gamma_ratio=args.gamma_ratio,

@@ -45,6 +45,11 @@ MOMENT_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the six compo
 _CHUNK = 32  # nodes per scan step (memory ~ chunk × n_atoms × 3)
 
 
+def valid_node_count(n: int) -> bool:
+    """A usable number of quadrature nodes: a power of two, at least one scan chunk (32)."""
+    return n >= _CHUNK and not n & (n - 1)
+
+
 def sobol_nodes(n: int, *, seed: int = SOBOL_SEED, dtype=None) -> Float[Array, "n 3"]:
     """The first n points (n a power of two) of a scrambled 3D Sobol sequence mapped to [−1, 1]³."""
     from scipy.stats import qmc

@@ -39,6 +39,7 @@ from jaxpolaron.ensemble import (
 )
 from jaxpolaron.errors import InputError
 from jaxpolaron.excitation import Occupancy
+from jaxpolaron.hole_quadrature import DEFAULT_NODES, valid_node_count
 from jaxpolaron.metrics import peak_table
 from jaxpolaron.reciprocal import (
     DEFAULT_WINDOW_SHAPE,
@@ -86,6 +87,7 @@ class SimulateConfig:
     # pumped ensemble
     method: str = "linear"
     holes: int = 64
+    nodes: int = DEFAULT_NODES
     seed: int = 0
     gamma0_t: float = 1.0
     gamma_ratio: float = 0.4
@@ -111,6 +113,10 @@ class SimulateConfig:
             raise InputError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
         if self.holes < 1:
             raise InputError(f"--holes must be >= 1, got {self.holes}.")
+        if not valid_node_count(self.nodes):
+            raise InputError(f"--nodes must be a power of two >= 32, got {self.nodes}.")
+        if self.method == "accurate" and self.model != "random-hole":
+            raise InputError(f"--accurate is for --model random-hole; use --exact for {self.model}.")
         if min(self.k_cs, self.k_pb, self.k_br) <= 0:
             raise InputError("spring constants --k-cs/--k-pb/--k-br must be positive.")
         if not 0 < self.hole_bias <= 1:
@@ -255,6 +261,7 @@ def simulate(
                     key=jax.random.fold_in(key, i),
                     n_holes=config.holes,
                     method=method,
+                    nodes=config.nodes,
                     engine=config.engine,  # type: ignore[arg-type]
                 )
             w_dark = weights[i] * np.asarray(i0)
