@@ -24,6 +24,15 @@ Scale s (simulation units → measured units):
   crystal to a common reference, so a change of the overall diffracted intensity on pumping (a Debye–Waller-
   like loss from the displacements) is scaled away in the measured ΔI; c absorbs it, the rest (shifts,
   family-dependent changes) is fitted.
+
+ΔI stays a difference end to end: in float32 the dark is 10³–10⁴ times ΔI, so subtracting the two averaged
+simulated classes would lose most of ΔI's digits (χ² that jitters between compiled programs, gradients no
+optimiser converges on). With M_d, M_p the means over the dark and pumped counts and I0 the forward's
+(parameter-free) dark,
+    ΔI_sim = M_p(I0 + ΔI) − M_d(I0) = M_p(ΔI) + offset,   offset = M_p(I0) − M_d(I0),
+the offset (0 for equal counts) computed once, in float64, when the objective is built. "pumped" likewise,
+with P_sim = M_p(I0) + M_p(ΔI) and D_sim = P_sim − ΔI_sim:
+    c P_sim − d D_sim = d ΔI_sim + (c − d) P_sim,   c − d = Σ w P_sim (ΔI_meas − d ΔI_sim) / Σ w P_sim².
 """
 
 from __future__ import annotations
@@ -83,6 +92,10 @@ class Objective(eqx.Module):
         weights: (n_hkl, m, m, m) voxel weights (0 = not used).
         counts_dark, counts_pump: (24, n_hkl, m, m, m) per-orientation counts (the averaging weights).
         dark_scale: () simulation → measured scale from the dark volume (used with scale "dark").
+        dark_pump: (n_hkl, m, m, m) the simulated dark averaged with the pumped counts, M_p(I0) (parameter-free;
+            the large part of the simulated pumped class).
+        offset: (n_hkl, m, m, m) M_p(I0) − M_d(I0), the simulated dark's share of ΔI_sim that comes from the
+            classes' different counts (parameter-free, computed in float64; 0 for equal counts).
         parameters: the fitted parameters (static).
         layout: the window layout (static).
         scale_mode: "dark", "free" or "pumped" (static).
@@ -95,6 +108,8 @@ class Objective(eqx.Module):
     counts_dark: Float[Array, "24 n m m m"]
     counts_pump: Float[Array, "24 n m m m"]
     dark_scale: Float[Array, ""]
+    dark_pump: Float[Array, "n m m m"]
+    offset: Float[Array, "n m m m"]
     parameters: ParameterSet = eqx.field(static=True)
     layout: WindowLayout = eqx.field(static=True)
     scale_mode: str = eqx.field(static=True)
@@ -102,17 +117,21 @@ class Objective(eqx.Module):
     def model(self, z: Float[Array, " k"]) -> Deformation:
         return self.parameters.apply(self.template, z)
 
+    def _diff_mean(self, z: Float[Array, " k"]) -> Float[Array, "n m m m"]:
+        """M_p(ΔI): the forward's difference averaged with the pumped counts (the model-dependent part)."""
+        _, diff = self.forward(self.model(z))
+        return weighted_mean(rotate_back(self.layout, diff), self.counts_pump)
+
     def simulate_classes(self, z: Float[Array, " k"]) -> tuple[Float[Array, "n m m m"], Float[Array, "n m m m"]]:
-        """Family-averaged simulated (dark, pumped) intensities (n_hkl, m, m, m), simulation units."""
-        i0, diff = self.forward(self.model(z))
-        dark = weighted_mean(rotate_back(self.layout, i0), self.counts_dark)
-        pump = weighted_mean(rotate_back(self.layout, i0 + diff), self.counts_pump)
-        return dark, pump
+        """Family-averaged simulated (dark, pumped) intensities (n_hkl, m, m, m), simulation units.
+
+        For plots only: in float32 their difference has lost most of ΔI's digits; use `simulate`.
+        """
+        return self.dark_pump - self.offset, self.dark_pump + self._diff_mean(z)
 
     def simulate(self, z: Float[Array, " k"]) -> Float[Array, "n m m m"]:
         """Family-averaged simulated ΔI (n_hkl, m, m, m) in simulation units (before the scale)."""
-        dark, pump = self.simulate_classes(z)
-        return pump - dark
+        return self._diff_mean(z) + self.offset
 
     def scale(self, simulated: Float[Array, "n m m m"]) -> Float[Array, ""]:
         if self.scale_mode == "dark":
@@ -124,12 +143,15 @@ class Objective(eqx.Module):
     def predict(self, z: Float[Array, " k"]) -> tuple[Float[Array, "n m m m"], Float[Array, ""]]:
         """(fitted ΔI in measured units (n_hkl, m, m, m), the scale s; for "pumped" the pumped scale c)."""
         if self.scale_mode == "pumped":
-            dark, pump = self.simulate_classes(z)
+            # c P − d D = d ΔI_sim + (c − d) P: no difference of the large classes (module docstring)
+            delta = self._diff_mean(z)
+            sim = delta + self.offset
             d = self.dark_scale
-            num = jnp.sum(self.weights * (self.measured + d * dark) * pump)
+            pump = self.dark_pump + delta
+            num = jnp.sum(self.weights * pump * (self.measured - d * sim))
             den = jnp.sum(self.weights * pump**2)
-            c = num / jnp.where(den > 0, den, 1.0)
-            return c * pump - d * dark, c
+            excess = num / jnp.where(den > 0, den, 1.0)  # c − d
+            return d * sim + excess * pump, d + excess
         sim = self.simulate(z)
         s = self.scale(sim)
         return s * sim, s
@@ -166,8 +188,13 @@ def make_objective(
     weights = voxel_weights(windows, weighting)
     if not np.any(weights > 0):
         raise InputError("no voxel of the chosen windows has both dark and pumped data.")
-    dark_sim = np.asarray(weighted_mean(rotate_back(windows.layout, forward.dark()), windows.counts_dark))
-    wd = windows.counts_dark.sum(0)
+    # the simulated dark is parameter-free: its class averages once, in float64 (module docstring)
+    i0 = rotate_back(windows.layout, np.asarray(forward.dark(), np.float64))
+    counts_dark = np.asarray(windows.counts_dark, np.float64)
+    counts_pump = np.asarray(windows.counts_pump, np.float64)
+    dark_sim = weighted_mean(i0, counts_dark)
+    dark_pump = weighted_mean(i0, counts_pump)
+    wd = counts_dark.sum(0)
     den = float(np.sum(wd * dark_sim**2))
     dark_scale = float(np.sum(wd * windows.dark * dark_sim)) / den if den > 0 else 1.0
     return Objective(
@@ -175,9 +202,11 @@ def make_objective(
         template=template,
         measured=jnp.asarray(windows.difference),
         weights=jnp.asarray(weights),
-        counts_dark=jnp.asarray(windows.counts_dark, float),
-        counts_pump=jnp.asarray(windows.counts_pump, float),
+        counts_dark=jnp.asarray(counts_dark, float),
+        counts_pump=jnp.asarray(counts_pump, float),
         dark_scale=jnp.asarray(dark_scale),
+        dark_pump=jnp.asarray(dark_pump, float),
+        offset=jnp.asarray(dark_pump - dark_sim, float),
         parameters=parameters,
         layout=windows.layout,
         scale_mode=scale_mode,
