@@ -17,6 +17,7 @@ one sf call before and one after.
 What is measured and what is extrapolated (the tables say which):
   sf      every size, the whole problem.
   linear  every size, the whole problem (all H holes: the hole average only costs H displacement fields).
+  accurate every size (--nodes quadrature nodes; 0 skips it): the accurate random-hole ΔI, beside linear.
   exact   on a few sizes (--exact-sizes) with h ≪ H holes (--exact-holes), extrapolated linearly in holes:
           t(H) = t_sf + (t(h) − t_sf) · H / h (the dark F0 is the fixed cost, each hole costs the same),
           marked *. Sizes not measured are estimated from their own sf time and the per-hole cost in sf
@@ -243,6 +244,34 @@ def _table(head: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + [fmt.format(*x) for x in lines])
 
 
+def by_kind(rows: list[Row], kind: str, size: float) -> Row:
+    return next(r for r in rows if r.kind == kind and r.size_nm == size)
+
+
+def accurate_table(rows: list[Row]) -> str:
+    """Per size: the accurate method's compile, seconds and × sf beside linear's; the total weights each × sf by
+    the size's sf seconds (as size_tables does), so the ratio compares the two methods within this run."""
+    lines, acc_total, lin_total = [], 0.0, 0.0
+    for r in (r for r in rows if r.kind == "accurate"):
+        sf, lin = by_kind(rows, "sf", r.size_nm), by_kind(rows, "linear", r.size_nm)
+        acc_total += r.sf_units * sf.seconds
+        lin_total += lin.sf_units * sf.seconds
+        lines.append(
+            [
+                f"{r.size_nm:g}",
+                str(r.atoms),
+                _fmt(r.compile_s, ".2f"),
+                _fmt(r.seconds),
+                _fmt(r.sf_units, ".2f"),
+                _fmt(lin.sf_units, ".2f"),
+                _fmt(r.sf_units / lin.sf_units, ".2f"),
+            ]
+        )
+    lines.append(["total", "", "", "", "", "", _fmt(acc_total / lin_total, ".2f") if lin_total else "-"])
+    head = ["size nm", "atoms", "accurate compile", "accurate s", "accurate × sf", "linear × sf", "acc / lin"]
+    return _table(head, lines)
+
+
 def size_tables(rows: list[Row], holes: int) -> str:
     by = {(r.kind, r.size_nm): r for r in rows}
     sizes = sorted({r.size_nm for r in rows if r.kind == "sf"})
@@ -408,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size-nm", type=float, default=5.0, help="size of the batch study (default 5)")
     parser.add_argument("--batches", default="2,8,32", help="batch values of the batch study (default 2,8,32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--nodes", type=int, default=4096, help="quadrature nodes of the accurate method (4096; 0: skip it)"
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -547,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_pumped(size: float, method: str, n: int, batch: int = DEFAULT_BATCH) -> Timing:
         crystal, sf, model, _ = setup(size)
         kwargs = {"key": size_key(size), "n_holes": n, "method": method, "engine": engine, "batch": batch}
+        if method == "accurate":
+            kwargs["nodes"] = args.nodes
         return time_aot(jax, pumped_difference, crystal, sf, windows, model, occupancy, **kwargs)
 
     def peak(r: Row) -> str:
@@ -574,6 +608,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{size:4g} nm {n_atoms:6d} atoms  linear  compile {t.compile_s:6.2f} s  run {t.median_s:8.3f} s "
             f"= {r.sf_units:.2f} sf ({holes} holes)  {peak(r)}"
         )
+        if args.nodes:
+            t = run_pumped(size, "accurate", holes)
+            t_sf = 0.5 * (t_after + sf_again(size))
+            r = make_row("accurate", size, t.median_s, t, sf_ref_s=t_sf, holes=0, measured_holes=0)
+            rows.append(r)
+            log(
+                f"{size:4g} nm {n_atoms:6d} atoms  accurate compile {t.compile_s:6.2f} s  run {t.median_s:8.3f} s "
+                f"= {r.sf_units:.2f} sf ({args.nodes} nodes) = "
+                f"{r.sf_units / by_kind(rows, 'linear', size).sf_units:.2f} × linear  {peak(r)}"
+            )
         if size in exact_sizes and not (size == args.batch_size_nm and DEFAULT_BATCH in batches):
             t = run_pumped(size, "exact", exact_holes)
             t_sf = 0.5 * (t_after + sf_again(size))
@@ -672,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- output
     log("\n" + size_tables(rows, holes))
+    if args.nodes:
+        log(f"\naccurate method ({args.nodes} quadrature nodes) vs linear, same run:\n" + accurate_table(rows))
     log(
         f"* exact extrapolated linearly in holes from the 'exact holes run' h to {holes}: "
         f"t = t_sf + (t_run − t_sf)·{holes}/h. "
@@ -726,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                         "exact_holes": exact_holes,
                         "batch_size_nm": bsize,
                         "batches": batches,
+                        "accurate_nodes": args.nodes,
                     },
                     "wall_seconds": total,
                     "rows": [dataclasses.asdict(r) for r in rows],
