@@ -18,6 +18,8 @@ ended with `block_until_ready`; median; a function whose calls add up to 20 s si
   value   the objective alone, `obj(z)` (the same-run baseline of the step).
   step    one optimisation step of `fitting.optimise.make_step(optax.adam(lr))`: value_and_grad of the
           objective plus the Adam update. "step / value" is the price of reverse mode.
+  accurate value and step of the same objective with the accurate ΔI method (--nodes quadrature nodes;
+          0 skips it), and their ratios to the main rows.
   exact   value and step of the same objective with the exact ΔI method (3 structure factors per hole
           sample), run with --exact-holes h ≪ H holes (default 4); "× linear step" compares the measured
           exact step with the linear step; the H-hole figures are extrapolated in proportion to the holes
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated sizes, nm (default 3,4,5,6,7,8; --quick 3,4)")
     parser.add_argument("--holes", type=int, help="hole samples per size H (default 256; --quick 64)")
     parser.add_argument(
-        "--method", default="linear", choices=("linear", "exact", "second"), help="ΔI method of the fit"
+        "--method", default="linear", choices=("linear", "exact", "second", "accurate"), help="ΔI method of the fit"
     )
     parser.add_argument("--hkls", default="200,110,111,220", help="canonical reflections of the fit windows")
     parser.add_argument("--half", type=int, default=3, help="window half width, voxels (default 3: 7³ windows)")
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", default="adam,lbfgs", help="minimisations run (default adam,lbfgs)")
     parser.add_argument("--no-converge", action="store_true", help="time the steps only, no minimisation")
     parser.add_argument("--seed", type=int, default=0, help="hole key of the fit (the truth uses seed + 1)")
+    parser.add_argument(
+        "--nodes", type=int, default=4096, help="quadrature nodes of the accurate rows (4096; 0: no accurate rows)"
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -292,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         exact_objective = eqx.tree_at(lambda o: o.forward, objective, exact_forward)
         ex_val = compile_first("value", "exact", exact_holes, value, exact_objective, z_start)
         ex_stp = compile_first("step", "exact", exact_holes, adam_step, exact_objective, z_start, adam_state)
+    acc_val = acc_stp = None
+    if args.nodes and args.method != "accurate":
+        acc_forward = dataclasses.replace(forward, method="accurate", nodes=args.nodes)
+        acc_objective = eqx.tree_at(lambda o: o.forward, objective, acc_forward)
+        acc_val = compile_first("value", "accurate", args.nodes, value, acc_objective, z_start)
+        acc_stp = compile_first("step", "accurate", args.nodes, adam_step, acc_objective, z_start, adam_state)
     time_interleaved(jax, rows, fns, repeats)
     for row in rows:
         log(
@@ -300,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in (ex_val, ex_stp):
         if row is not None:
             row.scaled_s = row.median_s * holes / exact_holes
+    if acc_val is not None and acc_stp is not None:
+        log(
+            f"accurate ({args.nodes} nodes) / {args.method}, same run: value {acc_val.median_s / val.median_s:.2f}×, "
+            f"step {acc_stp.median_s / stp.median_s:.2f}×"
+        )
 
     # ---- steps to converge
     runs: list[Convergence] = []

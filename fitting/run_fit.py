@@ -195,7 +195,7 @@ def linear_method_warning(config: FitConfig, model) -> str | None:
     if config.model != "random-hole" or config.method != "linear" or amplitude <= LINEAR_AMPLITUDE_LIMIT:
         return None
     return (f"the linear random-hole ΔI is inaccurate at amplitude {amplitude:.3g} Å (23 % off the exact ΔI at "
-            "0.005 Å, 59 % at 0.02 Å): refit with --method exact before quoting these values.")  # fmt: skip
+            "0.005 Å, 59 % at 0.02 Å): refit with --method accurate before quoting these values.")  # fmt: skip
 
 
 def fit(
