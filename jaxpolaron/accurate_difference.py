@@ -63,7 +63,10 @@ from jaxpolaron.structure_factor import cloud_structure_factor, structure_factor
 
 TWO_PI = 2.0 * math.pi
 _FLUCTUATION_CHUNK = 16
-_FLUCTUATION_EPS = 1e-4  # fluctuation nodes per NUFFT batch (memory ~ chunk × 3 × windows × grid)
+_FLUCTUATION_EPS = 1e-4
+# the near pairs' clouds: 1e-4 of the cloud's size, which is a fraction of D̄: ~1e-5 of ΔI (w = 5 instead of 7:
+# a third of the spreading work)
+_NEAR_EPS = 1e-4  # fluctuation nodes per NUFFT batch (memory ~ chunk × 3 × windows × grid)
 
 
 def _abs2(z: Array) -> Array:
@@ -146,7 +149,7 @@ def mean_changes(
     # near pairs enter with their exact displaced points; the mask row above counted their weight
     # (Σ_h w_h s_jh = 1 − p_j) at the undisplaced sites, which the same NUFFT takes off again
     pts, ws = _species_points(crystal, crystal.positions, (1.0 - averages.far_weight) * crystal.mask)
-    undisplaced = cloud_structure_factor(pts, ws, scattering, grid)
+    undisplaced = cloud_structure_factor(pts, ws, scattering, grid, _NEAR_EPS)
     changes = []
     for m in factors:
         clouds_p, clouds_w = [], []
@@ -154,7 +157,7 @@ def mean_changes(
             u = electron[pairs.index] + pairs.hole_part  # (h, k, 3)
             clouds_p.append((crystal.positions[pairs.index] + m * u).reshape(-1, 3))
             clouds_w.append(pairs.weight.reshape(-1))
-        near = cloud_structure_factor(tuple(clouds_p), tuple(clouds_w), scattering, grid) - undisplaced
+        near = cloud_structure_factor(tuple(clouds_p), tuple(clouds_w), scattering, grid, _NEAR_EPS) - undisplaced
         changes.append(m * first + m**2 * second + near)
     return f0, changes
 
