@@ -11,14 +11,16 @@ and two pairs are the same with u → 2u (SI S2), ΔI = P1 ΔI[u] + P2 ΔI[2u]. 
    θ_j = 2π q·v_j (v the hole part). Pairs (node h, atom j) closer than `near_radius` keep their exact
    displaced position: a weighted cloud of points r_j + e_j + v_jh, one per near pair, summed by a type-1 NUFFT
    (a few hundred thousand points cost less than one structure factor). The other pairs have a small phase and
-   enter through their quadrature moments, e^{iθ} ≈ 1 + iθ − θ²/2:
-       Σ_j a_j (p_j + 2πi q·v̄_j − 2π² qᵀ M_j q)
-   i.e. ten weighted structure factors (p, three components of v̄, six of M) in one pass of the exact
-   separable engine (`weighted_structure_factor`). Moments and near pairs come from `hole_quadrature`
-   (deterministic Sobol nodes), so D̄ is smooth in every model parameter and has no PRNG seed.
-2. The diffuse part ⟨|D_h − D̄|²⟩ is taken to first order in the fluctuation, ⟨|F1[δv_h]|²⟩ (F1 the
-   directional derivative of F along δv_h = v_h − ⟨v⟩), on the first 128 nodes, by NUFFT (one transform per
-   species, component and node).
+   enter through their quadrature moments (θ here includes the electron part e, which is small for every ion),
+   e^{iθ} ≈ 1 + iθ − θ²/2:
+       Σ_j f_j e^{2πi q·r_j} (p_j + 2πi q·ū_j − 2π² qᵀ U_j q)
+   i.e. nine weighted sums (three components of ū, six of U), shared by one and two pairs, by NUFFT (or the
+   exact separable engine, `weighted_structure_factor`); F0 itself comes from the exact separable engine.
+   Moments and near pairs come from `hole_quadrature` (deterministic Sobol nodes), so D̄ is smooth in every
+   model parameter and has no PRNG seed.
+2. The diffuse part ⟨|D_h − D̄|²⟩ is taken to first order in the far pairs' phases and exactly for the near
+   pairs, as the sample variance over the first 32 nodes, by NUFFT (one transform per species and component,
+   and one per species for each node's near pairs).
 
 Why this and not the others (measured, docs/accurate_difference.md has the tables):
 - The second-order expansion ("second": 2 Re(F0* F1[ū]) + ⟨|F1|²⟩ + 2 Re(F0* ⟨F2⟩)) is 5 % off the exact ΔI at

@@ -17,8 +17,10 @@ What is averaged, per atom j (the ΔI assembly is `jaxpolaron.accurate_differenc
       p_j = Σ_h w_h (1 − s_jh),  v̄_j = Σ_h w_h (1 − s_jh) v_jh,  M_j = Σ_h w_h (1 − s_jh) v_jh v_jhᵀ,
   because for them the phase 2π q·v is small and e^{iθ} = 1 + iθ − θ²/2 to third order;
 - fluctuations: the far part (1 − s_jh) v_jh on a prefix of the nodes (with the near lists, the diffuse term).
-Near pairs are found per species as the K nearest atoms of each node (`lax.top_k`; K from the radius and
-the atom density, so that every atom within the radius is among them; `near_pairs_complete` checks it).
+Near pairs use all nodes (the near part varies on the atomic scale), the far moments the first 1024 (a smooth
+integrand; a Sobol prefix of a power of two is itself a balanced rule). Near pairs are found per species among
+the atoms of the 27 cells (edge >= the radius) around each node, as its K nearest (`lax.top_k`; K from the radius
+and the atom density, so that every atom within the radius is among them; `near_pairs_complete` checks it).
 """
 
 from __future__ import annotations

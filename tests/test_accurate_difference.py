@@ -102,6 +102,26 @@ def test_near_lists_cover_the_radius(structure):
             np.testing.assert_allclose(averages.far_weight + near, 1.0, atol=1e-5)
 
 
+def test_cell_search_finds_every_near_pair(structure):
+    """The cell-based near search returns, for every node, exactly the atoms a brute-force search finds within
+    the radius (with their switch weights), also for holes outside the crystal (hole bias 0.01)."""
+    from jaxpolaron.hole_quadrature import DEFAULT_NEAR_BLEND, switch
+
+    crystal = cut_nanocrystal(structure, 3.0)
+    for bias in (0.01, 1.0):
+        model = RandomHole.for_crystal(crystal, hole_bias=bias)
+        nodes = sobol_nodes(64)
+        averages = hole_averages(model, crystal, nodes)
+        holes = np.asarray(hole_position(nodes, model.hole_bias, crystal.size))
+        positions = np.asarray(crystal.positions)
+        for (a, b), pairs in zip(crystal.blocks, averages.near, strict=True):
+            d = np.linalg.norm(positions[None, a:b] - holes[:, None], axis=-1)  # (h, n_s)
+            want = np.asarray(switch(jnp.asarray(d), DEFAULT_NEAR_RADIUS, DEFAULT_NEAR_BLEND)) / len(nodes)
+            got = np.zeros_like(want)
+            np.add.at(got, (np.arange(len(nodes))[:, None], np.asarray(pairs.index) - a), np.asarray(pairs.weight))
+            np.testing.assert_allclose(got, want, atol=1e-7)
+
+
 def test_gradients_match_central_differences(structure, x64):
     crystal, sf, windows = _setup(structure, shape=9, voxel=0.006)
     nodes = sobol_nodes(64)
