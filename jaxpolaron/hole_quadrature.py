@@ -75,7 +75,7 @@ class NearPairs(NamedTuple):
 class HoleAverages(NamedTuple):
     """Per-atom hole averages of the hole part of the field (see the module docstring), Å-based units."""
 
-    far_weight: Float[Array, " n"]  # p_j
+    far_weight: Float[Array, " n"]  # p_j = 1 − Σ_h w_h s_jh (near pairs' nodes)
     far_mean: Float[Array, "n 3"]  # v̄_j (far pairs), Å
     far_moment: Float[Array, "n 6"]  # M_j (far pairs): xx, yy, zz, xy, xz, yz, Å²
     near: tuple[NearPairs, ...]  # per species
@@ -180,15 +180,15 @@ def hole_averages(
         s = switch(jnp.linalg.norm(positions[None] - h[:, None], axis=-1), near_radius, near_blend) * mask
         far = (1.0 - s) / n_far
         outer = jnp.stack([v[..., a] * v[..., b] for a, b in MOMENT_PAIRS], -1)
-        return jnp.sum(far, 0), jnp.einsum("cn,cna->na", far, v), jnp.einsum("cn,cnm->nm", far, outer)
+        return jnp.einsum("cn,cna->na", far, v), jnp.einsum("cn,cnm->nm", far, outer)
 
     def far_step(acc, h):
         return jax.tree.map(jnp.add, acc, far_body(h)), None
 
     n = positions.shape[0]
-    zeros = (jnp.zeros(n, dtype), jnp.zeros((n, 3), dtype), jnp.zeros((n, 6), dtype))
+    zeros = (jnp.zeros((n, 3), dtype), jnp.zeros((n, 6), dtype))
     chunk = min(_CHUNK, n_far)
-    (p, mean, moment), _ = jax.lax.scan(far_step, zeros, holes[:n_far].reshape(-1, chunk, 3))
+    (mean, moment), _ = jax.lax.scan(far_step, zeros, holes[:n_far].reshape(-1, chunk, 3))
 
     # ---- near pairs: every node, the K nearest atoms of each species among 27 cells around it
     dims, per_cell = _cell_layout(crystal, near_radius)
@@ -221,6 +221,12 @@ def hole_averages(
         idx, w, v, beyond = jax.lax.map(one_node, holes, batch_size=_CHUNK)
         near.append(NearPairs(idx, w, v))
         outside.append(jnp.min(beyond))
+    # p_j from the near pairs' own nodes: the electron part e_j, the same for every hole, then gets total weight
+    # exactly 1 (far p_j + near Σ w s = 1); the far nodes' estimate of p_j would leave a quadrature error on it
+    near_mass = jnp.zeros(n, dtype)
+    for pairs in near:
+        near_mass = near_mass.at[pairs.index.reshape(-1)].add(pairs.weight.reshape(-1))
+    p = (1.0 - near_mass) * mask
     first = holes[:n_fluctuation]
     far = 1.0 - switch(jnp.linalg.norm(positions[None] - first[:, None], axis=-1), near_radius, near_blend)
     return HoleAverages(
