@@ -19,7 +19,7 @@ and two pairs are the same with u → 2u (SI S2), ΔI = P1 ΔI[u] + P2 ΔI[2u]. 
    Moments and near pairs come from `hole_quadrature` (deterministic Sobol nodes), so D̄ is smooth in every
    model parameter and has no PRNG seed.
 2. The diffuse part ⟨|D_h − D̄|²⟩ is taken to first order in the far pairs' phases and exactly for the near
-   pairs, as the sample variance over the first 32 nodes, by NUFFT (one transform per species and component,
+   pairs, as the sample variance over the first 128 nodes, by NUFFT (one transform per species and component,
    and one per species for each node's near pairs).
 
 Why this and not the others (measured, docs/accurate_difference.md has the tables):
