@@ -73,11 +73,16 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", help="also profile χ² along this fitted parameter")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of holes and starts (0)")
     p.add_argument("--neutral", action="store_true", help="neutral-atom f0 (default: ionic, as synthetic runs)")
+    p.add_argument("--x64", action="store_true", help="compute in float64 (default float32; recorded in the run)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.x64:  # before anything is built: arrays made earlier would stay float32
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     from fitting.parameters import model_parameters, select
     from fitting.run_fit import FitConfig, fit, format_result, load_windows
     from jaxpolaron.ensemble import validate_sizes
@@ -111,6 +116,7 @@ def run(args) -> int:
         patience=args.patience,
         starts=args.starts,
         profile=args.profile,
+        x64=args.x64,
     )
     config.validate()
     structure = read_cif()

@@ -58,6 +58,10 @@ class FitConfig:
         quadrature nodes of method "accurate" (no seed).
     weighting/scale: see fitting.objective. optimizer/learning_rate/max_steps/patience/rel_tol/starts/
         start_width: the descent (starts drawn in z ± start_width). profile: a parameter to profile, or None.
+    x64: the fit computes in float64. JAX must be switched to float64 before anything is built (`jaxpolaron fit
+        --x64` does `jax.config.update("jax_enable_x64", True)` first; in Python, that or a `jax.enable_x64(True)`
+        block around building the windows and calling `fit`); `fit` refuses x64 when JAX is in float32. False:
+        the precision JAX is in. result.json records the one used as "precision".
     """
 
     model: str = "random-hole"
@@ -87,6 +91,7 @@ class FitConfig:
     starts: int = 4
     start_width: float = 1.0
     profile: str | None = None
+    x64: bool = False
 
     def validate(self) -> None:
         checks = [
@@ -208,7 +213,16 @@ def fit(
     inputs: dict | None = None,
     progress: bool = False,
 ) -> FitOutcome:
-    """Run the fit of `config` on `windows`; with `out_root`, log it to a run folder (fitting.runlog)."""
+    """Run the fit of `config` on `windows`; with `out_root`, log it to a run folder (fitting.runlog).
+
+    `config.x64` needs JAX in float64 already (FitConfig): `fit` does not switch precision itself, because
+    programs traced in one precision and reused in the other (the `jax.enable_x64` context is thread-local and
+    some of JAX's tracing caches are not) fail or silently mix dtypes."""
+    if config.x64 and precision() != "float64":
+        raise InputError(
+            "the fit is configured for float64 (x64) but JAX computes in float32: call jax.config.update("
+            '"jax_enable_x64", True) before building anything (jaxpolaron fit --x64).'
+        )
     from fitting.runlog import PeakComparison, RunLog
 
     structure = read_cif() if structure is None else structure
@@ -243,9 +257,15 @@ def fit(
     warning = linear_method_warning(config, params.apply(objective.template, jnp.asarray(best.z)))
     if warning:
         log.warning(warning)
+    if unc.sigma_note is not None and not best.converged:  # the note is printed by format_result
+        advice = "raise --steps" + (" or try --optimizer lbfgs" if config.optimizer != "lbfgs" else "")
+        stopped = f" The best start (#{best.start}) stopped at the step limit ({config.max_steps}): {advice}."
+        unc = dataclasses.replace(unc, sigma_note=unc.sigma_note + stopped)
     result = {
         "warnings": [warning] if warning else [],
+        "precision": precision(),
         "parameters": unc.table(),
+        "sigma_unavailable": unc.sigma_note,
         "sigma_unscaled": dict(zip(unc.names, unc.sigma_unscaled.tolist(), strict=True)),
         "correlation": unc.correlation.tolist(),
         "condition": unc.condition,
@@ -312,6 +332,11 @@ def fit(
     )
 
 
+def precision() -> str:
+    """The float dtype JAX computes in here: "float32", or "float64" where x64 is on (globally or in a context)."""
+    return str(jnp.result_type(float))
+
+
 def _progress_bar(config: FitConfig, enabled: bool):
     if not enabled:
         return None
@@ -321,14 +346,19 @@ def _progress_bar(config: FitConfig, enabled: bool):
 
 
 def format_result(outcome: FitOutcome, truth: dict | None = None) -> str:
-    """A plain-text table of the fitted parameters (± 1σ), with the truth when known."""
+    """A plain-text table of the fitted parameters (± 1σ), with the truth when known; where σ is unavailable
+    the column says "n/a" and a line below the table says why (`Laplace.sigma_note`)."""
     lines = [f"{'parameter':<18}{'value':>12}{'± 1σ':>12}" + (f"{'truth':>12}{'dev/σ':>8}" if truth else "")]
-    for name, v, s in zip(outcome.laplace.names, outcome.laplace.values, outcome.laplace.sigma, strict=True):
-        row = f"{name:<18}{v:>12.5g}{s:>12.3g}"
-        if truth and name in truth:
-            row += f"{truth[name]:>12.5g}{(v - truth[name]) / s if s > 0 else float('nan'):>8.2f}"
-        lines.append(row)
     lp = outcome.laplace
+    for name, v, s in zip(lp.names, lp.values, lp.sigma, strict=True):
+        ok = bool(np.isfinite(s))
+        row = f"{name:<18}{v:>12.5g}" + (f"{s:>12.3g}" if ok else f"{'n/a':>12}")
+        if truth and name in truth:
+            dev = f"{(v - truth[name]) / s:>8.2f}" if ok and s > 0 else f"{'n/a':>8}"
+            row += f"{truth[name]:>12.5g}{dev}"
+        lines.append(row)
+    if not np.all(np.isfinite(lp.sigma)):
+        lines.append(lp.sigma_note or "σ unavailable (n/a): the Laplace approximation gave no finite σ.")
     lines.append(
         f"χ² {lp.chi2:.6g} over {lp.n_data} voxels (χ²_red {lp.chi2_reduced:.3g}); "
         f"AIC {outcome.criteria['aic']:.6g}, BIC {outcome.criteria['bic']:.6g}; {outcome.steps} steps, "

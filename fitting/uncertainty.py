@@ -5,7 +5,9 @@ With loss = χ²/2 and w the inverse variances, the Laplace covariance of the un
 minimum, where the gradient vanishes). The weights are only relative when they come from merge counts
 ("lsq") or from a scaled photon model, so the covariance is also reported multiplied by the reduced χ²
 (the Birge ratio χ²/(n − k)); `sigma` is that scaled value when χ²_red > 1 and the plain one otherwise.
-Eigenvalues of the correlation matrix near 0 flag degenerate combinations.
+Eigenvalues of the correlation matrix near 0 flag degenerate combinations. Where H is not positive definite
+(a fit that has not converged, or a direction the data do not constrain) there is no Laplace σ: `sigma` is NaN
+and `sigma_note` says why in words, naming the parameters of the flattest direction (profile one of them).
 
 Model comparison: with Gaussian residuals of known variance, AIC = χ² + 2k and BIC = χ² + k ln n; the model
 with the lower value wins and Δ > 10 is decisive.
@@ -41,6 +43,7 @@ class Laplace:
         chi2, n_data, n_free, chi2_reduced: fit statistics.
         condition: largest / smallest eigenvalue of the correlation matrix (large = near-degenerate).
         positive_definite: False when H has a non-positive eigenvalue (σ are then NaN).
+        sigma_note: None when every σ is finite, else why σ is unavailable (a sentence to print beside it).
     """
 
     names: tuple[str, ...]
@@ -55,12 +58,16 @@ class Laplace:
     chi2_reduced: float
     condition: float
     positive_definite: bool
+    sigma_note: str | None = None
 
-    def table(self) -> dict[str, dict[str, float]]:
-        return {
-            n: {"value": float(v), "sigma": float(s)}
-            for n, v, s in zip(self.names, self.values, self.sigma, strict=True)
-        }
+    def table(self) -> dict[str, dict]:
+        """{name: {"value", "sigma"}}, plus "sigma_note" (the reason) where σ is NaN or infinite."""
+        out: dict[str, dict] = {}
+        for n, v, s in zip(self.names, self.values, self.sigma, strict=True):
+            out[n] = {"value": float(v), "sigma": float(s)}
+            if not np.isfinite(s):
+                out[n]["sigma_note"] = self.sigma_note
+        return out
 
 
 def laplace(objective, z_hat: np.ndarray) -> Laplace:
@@ -72,8 +79,9 @@ def laplace(objective, z_hat: np.ndarray) -> Laplace:
     n_data, n_free = objective.n_data, objective.n_free
     dof = max(n_data - n_free, 1)
     chi2_red = chi2 / dof
-    eig = np.linalg.eigvalsh(hessian)
-    positive = bool(np.all(eig > 0))
+    finite = bool(np.all(np.isfinite(hessian)))
+    eig = np.linalg.eigvalsh(hessian) if finite else np.full(len(hessian), np.nan)
+    positive = finite and bool(np.all(eig > 0))
     cov_z = np.linalg.pinv(hessian) if positive else np.full_like(hessian, np.nan)
     jac = np.asarray(objective.parameters.jacobian(z), float)
     cov = jac[:, None] * cov_z * jac[None, :]
@@ -83,8 +91,10 @@ def laplace(objective, z_hat: np.ndarray) -> Laplace:
         corr = cov / np.outer(sigma0, sigma0)
         corr_eig = np.linalg.eigvalsh(corr) if positive else np.array([np.nan])
         condition = float(corr_eig.max() / corr_eig.min()) if positive and corr_eig.min() > 0 else math.inf
+    names = objective.parameters.names
+    note = None if np.all(np.isfinite(sigma0)) else sigma_unavailable(hessian, names, finite=finite)
     return Laplace(
-        names=objective.parameters.names,
+        names=names,
         values=np.asarray(objective.parameters.physical(z), float),
         sigma=sigma0 * math.sqrt(factor),
         sigma_unscaled=sigma0,
@@ -96,12 +106,34 @@ def laplace(objective, z_hat: np.ndarray) -> Laplace:
         chi2_reduced=chi2_red,
         condition=condition,
         positive_definite=positive,
+        sigma_note=note,
     )
+
+
+def sigma_unavailable(hessian: np.ndarray, names: tuple[str, ...], *, finite: bool = True) -> str:
+    """Why the Laplace σ of a fit with Hessian `hessian` (in z) is NaN, in words, naming the parameters that
+    dominate its lowest-curvature direction (those with at least half the largest eigenvector component)."""
+    if not finite:
+        return ("σ unavailable: the Hessian of χ² at the minimum is not finite (NaN or infinite χ² or gradient "
+                "there); check the fit's loss curve.")  # fmt: skip
+    eig, vectors = np.linalg.eigh(hessian)
+    weight = np.abs(vectors[:, 0])
+    flat = [names[i] for i in np.argsort(-weight) if weight[i] >= 0.5 * weight.max()]
+    if eig[0] > 0:  # positive definite, yet σ is not finite: the constraint map overflowed (e.g. exp(z) = inf)
+        return (f"σ unavailable: the physical value of {', '.join(flat)} is at the edge of floating-point range; "
+                "use --profile NAME for a likelihood interval.")  # fmt: skip
+    return (f"σ unavailable: the Hessian at the minimum is not positive definite (smallest eigenvalue "
+            f"{eig[0]:.3g}, along {', '.join(flat)}): the fit has not converged, or a parameter is unconstrained by "
+            f"the data; use --profile {flat[0]} (a profile-likelihood interval).")  # fmt: skip
 
 
 PROFILE_STOP = StopRule(max_steps=40, patience=5, rel_tol=1e-7)
 PROFILE_OPTIMIZER = optax.lbfgs()  # re-fits from a nearby optimum: a few quasi-Newton steps each
-Z_LIMIT = 8.0  # |z| beyond which a bounded parameter sits at its bound (sigmoid(8) = 0.99966, exp(-8) = 3e-4)
+Z_LIMIT = 8.0  # |z| beyond which a unit-interval parameter sits at its bound (sigmoid(±8) = 0.99966, 3.4e-4)
+# A positive parameter (x = exp(z)) has its bounds at z → ±∞, so no fixed z marks them (exp(−8) = 3.4e-4 Å is a
+# perfectly good amplitude): its scan stops where x has moved by this factor from the fitted value without
+# reaching the Δχ² level; below x̂ · 1e-6 (above x̂ · 1e6) χ² no longer depends on x, the constraint is reached.
+POSITIVE_SPAN = math.log(1e6)
 
 
 class _Pinned(eqx.Module):
@@ -174,9 +206,10 @@ def profile(
     The scan walks in the unconstrained z of the parameter, on each side of ẑ, in steps of `dz` (of the order
     of its Laplace σ_z, so the re-fits stay short; doubled, up to 1, where χ² rises by less than a quarter σ per
     step), and re-fits the others from the previous point's optimum (continuation: a curved valley is followed
-    instead of re-entered from ẑ). A bounded parameter stops at |z| = Z_LIMIT, i.e. at its constraint. Unlike
-    the Laplace σ this holds where χ² is not quadratic in the parameter, e.g. the hole bias, whose valley is
-    flat on one side and reaches its bounds.
+    instead of re-entered from ẑ). A side that reaches the constraint below the level stops there: a
+    unit-interval parameter at |z| = Z_LIMIT, a positive one at x̂ · 1e∓6 (`at_bound`). Unlike the Laplace σ
+    this holds where χ² is not quadratic in the parameter, e.g. the hole bias, whose valley is flat on one side
+    and reaches its bounds.
     """
     params = objective.parameters
     transform = params.transforms[index]
@@ -190,7 +223,7 @@ def profile(
         rest, z_i, bound, step_z, previous = np.delete(z_hat, index), float(z_hat[index]), None, dz, best
         for _ in range(max_points):
             z_i += side * step_z
-            if transform != "free" and abs(z_i) > Z_LIMIT:
+            if at_bound(transform, z_i, float(z_hat[index]), side):
                 bound = _bound(transform, side)
                 break
             rest, chi2 = _pinned_fit(objective, rest, index, z_i, optimizer, stop, step)
@@ -251,6 +284,17 @@ def scan_step(unc: Laplace, parameters, z_hat: np.ndarray, index: int) -> float:
     jac = abs(float(parameters.jacobian(jnp.asarray(z_hat, float))[index]))
     sigma_z = float(unc.sigma[index]) / jac if jac > 0 else np.nan
     return float(np.clip(0.5 * sigma_z, 0.05, 0.5)) if np.isfinite(sigma_z) else 0.25
+
+
+def at_bound(transform: str, z: float, z_hat: float, side: float) -> bool:
+    """Whether a profile scan at z, walking in direction `side` (±1) from the optimum z_hat, has reached the
+    constraint of its parameter: |z| > Z_LIMIT on that side for a unit-interval one, a factor 1e6 from the fitted
+    value for a positive one (its bounds 0 and ∞ lie at z → ∓∞), never for a free one."""
+    if transform == "unit":
+        return side * z > Z_LIMIT
+    if transform == "positive":
+        return side * (z - z_hat) > POSITIVE_SPAN
+    return False
 
 
 def _bound(transform: str, side: float) -> float:

@@ -367,7 +367,7 @@ def test_linear_random_hole_fit_warns_at_large_amplitude():
     from fitting.run_fit import FitConfig, linear_method_warning
 
     large, small = SimpleNamespace(amplitude=0.02), SimpleNamespace(amplitude=0.001)
-    assert "--method exact" in linear_method_warning(FitConfig(model="random-hole", method="linear"), large)
+    assert "--method accurate" in linear_method_warning(FitConfig(model="random-hole", method="linear"), large)
     assert linear_method_warning(FitConfig(model="random-hole", method="linear"), small) is None
     assert linear_method_warning(FitConfig(model="random-hole", method="exact"), large) is None
     assert linear_method_warning(FitConfig(model="central-hole", method="linear"), large) is None
