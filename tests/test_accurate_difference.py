@@ -123,9 +123,9 @@ def test_cell_search_finds_every_near_pair(structure):
 
 
 def test_gradients_match_central_differences(structure, x64):
-    crystal, sf, windows = _setup(structure, shape=9, voxel=0.006)
-    nodes = sobol_nodes(64)
-    weights = jax.random.normal(jax.random.key(3), (3, 9, 9, 9))
+    crystal, sf, windows = _setup(structure, shape=7, voxel=0.008)
+    nodes = sobol_nodes(32)
+    weights = jax.random.normal(jax.random.key(3), (3, 7, 7, 7))
 
     def loss(params):
         bias, k_pb, k_br, amplitude = params
