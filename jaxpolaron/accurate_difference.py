@@ -157,8 +157,8 @@ def mean_changes(
     for m in factors:
         clouds_p, clouds_w = [], []
         for pairs in averages.near:
-            u = electron[pairs.index] + pairs.hole_part  # (h, k, 3)
-            clouds_p.append((crystal.positions[pairs.index] + m * u).reshape(-1, 3))
+            u = electron[pairs.atom] + pairs.hole_part  # (h, k, 3)
+            clouds_p.append((crystal.positions[pairs.atom] + m * u).reshape(-1, 3))
             clouds_w.append(pairs.weight.reshape(-1))
         near = cloud_structure_factor(tuple(clouds_p), tuple(clouds_w), scattering, grid, _NEAR_EPS) - undisplaced
         changes.append(m * first + m**2 * second + near)
@@ -202,7 +202,7 @@ def fluctuation_terms(
             out.append((jnp.sum(x, axis=-4), jnp.sum(_abs2(x), axis=-4)))
         return out
 
-    near = tuple((p.index[:n_f], p.weight[:n_f] * n_nodes, p.hole_part[:n_f]) for p in averages.near)
+    near = tuple((p.atom[:n_f], p.weight[:n_f] * n_nodes, p.hole_part[:n_f]) for p in averages.near)
     split = lambda a: a.reshape(n_f // chunk, chunk, *a.shape[1:])  # noqa: E731
     per_chunk = jax.lax.map(one_chunk, (split(far), jax.tree.map(split, near)))
     terms = []

@@ -195,6 +195,8 @@ def pumped_difference(
     if method == "accurate":
         if not isinstance(model, RandomHole):
             raise InputError(f'method "accurate" is for the random-hole model; use "exact" for {type(model).__name__}.')
+        if not isinstance(q, Grid):
+            raise InputError('method "accurate" needs grid-aligned q (windows or a grid), not a q list.')
         rule = sobol_nodes(nodes, dtype=crystal.positions.dtype)
         return accurate_difference(crystal, scattering, q, model, occupancy, rule)
     p = occupancy.probabilities()

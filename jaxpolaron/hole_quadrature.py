@@ -67,7 +67,7 @@ def sobol_nodes(n: int, *, seed: int = SOBOL_SEED, dtype=None) -> Float[Array, "
 class NearPairs(NamedTuple):
     """The exactly treated (node, atom) pairs of one species: (n_nodes, K) each."""
 
-    index: Int[Array, "h k"]  # atom index into the crystal
+    atom: Int[Array, "h k"]  # atom index into the crystal
     weight: Float[Array, "h k"]  # w_h s_jh (0 for atoms beyond the radius)
     hole_part: Float[Array, "h k 3"]  # v_jh, Å
 
@@ -225,7 +225,7 @@ def hole_averages(
     # exactly 1 (far p_j + near Σ w s = 1); the far nodes' estimate of p_j would leave a quadrature error on it
     near_mass = jnp.zeros(n, dtype)
     for pairs in near:
-        near_mass = near_mass.at[pairs.index.reshape(-1)].add(pairs.weight.reshape(-1))
+        near_mass = near_mass.at[pairs.atom.reshape(-1)].add(pairs.weight.reshape(-1))
     p = (1.0 - near_mass) * mask
     first = holes[:n_fluctuation]
     far = 1.0 - switch(jnp.linalg.norm(positions[None] - first[:, None], axis=-1), near_radius, near_blend)

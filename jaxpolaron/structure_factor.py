@@ -285,10 +285,11 @@ def cloud_structure_factor(
     tol = eps if eps is not None else (1e-11 if dtype == jnp.float64 else 1e-6)
 
     def one(g: Grid) -> Array:
-        out = 0.0
-        for s, (p, w) in enumerate(zip(points, weights, strict=True)):
-            out = out + _species_factor(scattering, g, s) * _nufft_block(p, w, g, tol)
-        return out
+        terms = [
+            _species_factor(scattering, g, s) * _nufft_block(p, w, g, tol)
+            for s, (p, w) in enumerate(zip(points, weights, strict=True))
+        ]
+        return sum(terms[1:], terms[0])
 
     return _over_windows(one, grid, batched_nufft=True)
 

@@ -98,7 +98,7 @@ def test_near_lists_cover_the_radius(structure):
             # every pair is either near or far: the weights add up to one per atom
             near = jnp.zeros(crystal.positions.shape[0])
             for pairs in averages.near:
-                near = near.at[pairs.index.ravel()].add(pairs.weight.ravel())
+                near = near.at[pairs.atom.ravel()].add(pairs.weight.ravel())
             np.testing.assert_allclose(averages.far_weight + near, 1.0, atol=1e-5)
 
 
@@ -118,7 +118,7 @@ def test_cell_search_finds_every_near_pair(structure):
             d = np.linalg.norm(positions[None, a:b] - holes[:, None], axis=-1)  # (h, n_s)
             want = np.asarray(switch(jnp.asarray(d), DEFAULT_NEAR_RADIUS, DEFAULT_NEAR_BLEND)) / len(nodes)
             got = np.zeros_like(want)
-            np.add.at(got, (np.arange(len(nodes))[:, None], np.asarray(pairs.index) - a), np.asarray(pairs.weight))
+            np.add.at(got, (np.arange(len(nodes))[:, None], np.asarray(pairs.atom) - a), np.asarray(pairs.weight))
             np.testing.assert_allclose(got, want, atol=1e-7)
 
 
