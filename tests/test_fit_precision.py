@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +24,7 @@ from fitting.parameters import select
 from fitting.run_fit import FitConfig, build_objective, fit, format_result
 from fitting.uncertainty import POSITIVE_SPAN, Z_LIMIT, at_bound, laplace, profile
 from fitting.windows import MeasuredWindows, make_layout, rotate_back, weighted_mean
+from tests.fit_helpers import QuadraticChi2
 
 UNITS = 2.5  # measured units per electron²
 
@@ -132,27 +132,9 @@ def test_fit_refuses_x64_config_in_float32(structure):
 # --- σ in words, not a bare NaN ---------------------------------------------------------------------------
 
 
-class _QuadraticChi2(eqx.Module):
-    """χ² = (x − c)ᵀ A (x − c) in the physical values x of `parameters` (A may be singular: a flat direction);
-    the interface `laplace` and `profile` use (parameters, chi2, n_data, n_free, loss = χ²/2)."""
-
-    parameters: object = eqx.field(static=True)
-    centre: jax.Array
-    inverse: jax.Array
-    n_data: int = eqx.field(static=True, default=100)
-    n_free: int = eqx.field(static=True, default=2)
-
-    def chi2(self, z):
-        r = self.parameters.physical(z) - self.centre
-        return r @ self.inverse @ r
-
-    def __call__(self, z):
-        return 0.5 * self.chi2(z)
-
-
-def _toy(structure, names: str, centre, inverse) -> tuple[_QuadraticChi2, np.ndarray]:
+def _toy(structure, names: str, centre, inverse) -> tuple[QuadraticChi2, np.ndarray]:
     params = select("random-hole", names, structure.species, free_scale=False)
-    toy = _QuadraticChi2(params, jnp.asarray(centre, float), jnp.asarray(inverse, float))
+    toy = QuadraticChi2(params, jnp.asarray(centre, float), jnp.asarray(inverse, float))
     return toy, params.unconstrained(dict(zip(params.names, centre, strict=True)))
 
 

@@ -19,6 +19,7 @@ from jaxpolaron.ensemble import pumped_difference
 from jaxpolaron.errors import InputError
 from jaxpolaron.io import Volume
 from jaxpolaron.structure import read_cif
+from tests.fit_helpers import QuadraticChi2
 
 VOXEL = 0.02
 
@@ -318,24 +319,6 @@ def test_demo_cli_checks_names_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
-class _GaussianChi2(eqx.Module):
-    """χ² = (x − c)ᵀ C⁻¹ (x − c) in the physical values x of (amplitude, hole_bias): the shape `laplace` and
-    `profile` need (parameters, chi2, n_data, n_free, loss = χ²/2), with a known covariance C."""
-
-    parameters: object = eqx.field(static=True)
-    centre: jax.Array
-    inverse: jax.Array
-    n_data: int = eqx.field(static=True, default=100)
-    n_free: int = eqx.field(static=True, default=2)
-
-    def chi2(self, z):
-        r = self.parameters.physical(z) - self.centre
-        return r @ self.inverse @ r
-
-    def __call__(self, z):
-        return 0.5 * self.chi2(z)
-
-
 @pytest.mark.parametrize("centre_bias", [0.5, 0.06])
 def test_profile_interval_is_the_marginal_sigma_and_stops_at_the_bound(structure, centre_bias):
     """For χ² quadratic in x the profile's Δχ² = 1 interval is x̂ ± the marginal σ (= Laplace σ), whatever the
@@ -344,7 +327,7 @@ def test_profile_interval_is_the_marginal_sigma_and_stops_at_the_bound(structure
     sig, rho = np.array([0.004, 0.1]), 0.8
     cov = np.outer(sig, sig) * np.array([[1.0, rho], [rho, 1.0]])
     centre = np.array([0.02, centre_bias])
-    toy = _GaussianChi2(params, jnp.asarray(centre), jnp.asarray(np.linalg.inv(cov)))
+    toy = QuadraticChi2(params, jnp.asarray(centre), jnp.asarray(np.linalg.inv(cov)))
     z_hat = params.unconstrained({"amplitude": centre[0], "hole_bias": centre[1]})
     unc = laplace(toy, z_hat)
     assert unc.sigma[1] == pytest.approx(0.1, rel=1e-3)
