@@ -23,6 +23,8 @@ from fitting.optimise import StopRule, latin_hypercube, multistart
 from fitting.parameters import FIT_MODELS, select, template_model
 from fitting.uncertainty import Laplace, Profile, information_criteria, laplace, profile, scan_step
 from fitting.windows import MeasuredWindows, extract_windows, make_layout
+from jaxpolaron.accurate_difference import outside_validated_range
+from jaxpolaron.deformation.charge_field import RandomHole
 from jaxpolaron.ensemble import METHODS
 from jaxpolaron.errors import InputError
 from jaxpolaron.excitation import Occupancy
@@ -254,7 +256,10 @@ def fit(
     unc = laplace(objective, best.z)
     criteria = information_criteria(unc.chi2, objective.n_free, objective.n_data)
     fitted, scale = objective.predict(jnp.asarray(best.z))
-    warning = linear_method_warning(config, params.apply(objective.template, jnp.asarray(best.z)))
+    fitted_model = params.apply(objective.template, jnp.asarray(best.z))
+    warning = linear_method_warning(config, fitted_model)
+    if config.method == "accurate" and isinstance(fitted_model, RandomHole):
+        warning = outside_validated_range(fitted_model)
     if warning:
         log.warning(warning)
     if unc.sigma_note is not None and not best.converged:  # the note is printed by format_result

@@ -7,6 +7,7 @@ this module wires structure -> crystals -> scattering -> q sampling -> engines -
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 
 import equinox as eqx
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpolaron.accurate_difference import outside_validated_range
 from jaxpolaron.crystal import Nanocrystal
 from jaxpolaron.deformation import (
     CentralHole,
@@ -234,6 +236,10 @@ def simulate(
         sizes = (config.size_nm,) if config.size_nm is not None else tuple(config.sizes_nm)
         crystals = size_crystals(structure, sizes, exponent=config.exponent, centre=config.centre)
         models = [build_model(config, structure, c) for c in crystals]
+        if config.method == "accurate" and isinstance(models[0], RandomHole):
+            warning = outside_validated_range(models[0])
+            if warning:
+                logging.getLogger(__name__).warning(warning)
         weights = (
             np.ones(1)
             if config.size_nm is not None

@@ -172,3 +172,12 @@ def eqx_weighted(crystal, weights):
     import equinox as eqx
 
     return eqx.tree_at(lambda c: c.mask, crystal, weights)
+
+
+def test_warns_outside_the_measured_range(structure):
+    from jaxpolaron.accurate_difference import outside_validated_range
+
+    crystal = cut_nanocrystal(structure, 3.0)
+    assert outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.05)) is None
+    assert "--exact" in outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.5))
+    assert outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.05, k=[1.0, 1.0, 0.1])) is not None
