@@ -21,6 +21,17 @@ and two pairs are the same with u → 2u (SI S2), ΔI = P1 ΔI[u] + P2 ΔI[2u]. 
 2. The diffuse part ⟨|D_h − D̄|²⟩ is taken to first order in the far pairs' phases and exactly for the near
    pairs, as the sample variance over the first 128 nodes, by NUFFT (one transform per species and component,
    and one per species for each node's near pairs).
+3. Small windows (the fit's 68 member windows of 7³) take another route to the same two parts, because a NUFFT
+   per window and transform costs as much on a 7³ window as on a large one. Within a window of centre q_c a near
+   pair's phase factor is expanded in δq = q − q_c about its exact value at q_c,
+       e^{2πi m q·u} = e^{2πi m q_c·u} (1 + z δq·u + (z δq·u)²/2),   z = 2πi m,
+   so every near pair becomes per-atom weights of the monomials 1, δq_a, δq_a δq_b (summed onto its atom), the
+   far pairs' polynomial is rewritten in δq exactly, and one matrix product per window and species over the
+   crystal's own atoms gives D̄ = Σ_α δq^α S_α (`window_mean_changes`). The diffuse part keeps its far
+   transforms as one matrix product per window (three weight vectors per node) and each node's near pairs as
+   a small cloud summed directly (`window_fluctuation_terms`). Measured against the NUFFT route on the fit's
+   windows (voxel 2/256 Å⁻¹, 3 and 8 nm, 0.02–0.05 Å, k_Br 0.3): ΔI within 0.01–0.02 % (the expansion's
+   remainder, (z |δq| |u|)³/6 for the nearest pairs); `engine` picks the route.
 
 Why this and not the others (measured, docs/accurate_difference.md has the tables):
 - The second-order expansion ("second": 2 Re(F0* F1[ū]) + ⟨|F1|²⟩ + 2 Re(F0* ⟨F2⟩)) is 5 % off the exact ΔI at
@@ -33,6 +44,12 @@ Why this and not the others (measured, docs/accurate_difference.md has the table
   spectrum, and the window's Fourier content alone needs hundreds of modes at 8 nm. A Huang-type Fourier
   convolution assumes an infinite crystal and uniform holes, which the surface-biased holes (bias 0.1: all
   within ~1 Å of the surface) are not.
+- Cost on the fit's windows is set by the diffuse part: 3 × 128 weighted transforms of every atom per window.
+  Measured and rejected as ways to cut them: computing it on the 4 canonical windows and rotating it onto the
+  other 64 members (the Pnma tilts and the pseudo-cubic distortion make members differ: up to 9.6 % of ΔI at
+  (111)); a low-rank basis of the nodes' far fields (the top 32 of 128 singular vectors hold 60–90 % of the
+  variance, so no short spectrum); fewer nodes (64: up to 0.85 % of ΔI at 3 nm (111), 32: up to 1.7 %, against
+  0.67 % at 128; a smaller near radius: 6 Å moves ΔI by up to 4.7 %).
 Error model: (a) quadrature error of the node average, measured by changing the Sobol scramble and the node
 count; (b) Taylor error of far pairs, third order in θ at the near radius; (c) the neglected higher orders of the
 diffuse part (second order in δv); (d) the NUFFT tolerance (1e-6 relative to the cloud's own size).
@@ -63,10 +80,19 @@ from jaxpolaron.hole_quadrature import (
 )
 from jaxpolaron.reciprocal import Grid
 from jaxpolaron.scattering import ScatteringFactors
-from jaxpolaron.structure_factor import cloud_structure_factor, structure_factor, weighted_structure_factor
+from jaxpolaron.structure_factor import (
+    _complex_dtype,
+    _species_factor,
+    cloud_structure_factor,
+    structure_factor,
+    weighted_structure_factor,
+    window_structure_factor,
+)
 
 TWO_PI = 2.0 * math.pi
 _FLUCTUATION_CHUNK = 16
+# windows of at most this many voxels (the fit's 7³) take the per-window path (module docstring, item 3)
+SMALL_WINDOW_VOXELS = 11**3
 _FLUCTUATION_EPS = 1e-4
 # the near pairs' clouds: the default tolerance. Their displaced and undisplaced sums nearly cancel at small
 # amplitudes, so 1e-4 of the cloud's size would be ~1 % of ΔI at 0.005 Å (measured); 1e-6 is not slower here.
@@ -231,6 +257,166 @@ def fluctuation_terms(
     return terms
 
 
+# monomials δq^α of the window expansion (module docstring, "small windows"), by order
+_MONOMIALS = (
+    ((0, 0, 0),),
+    ((1, 0, 0), (0, 1, 0), (0, 0, 1)),
+    ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1)),
+    ((3, 0, 0), (0, 3, 0), (0, 0, 3), (2, 1, 0), (2, 0, 1), (1, 2, 0), (0, 2, 1), (1, 0, 2), (0, 1, 2), (1, 1, 1)),
+)
+
+
+def _monomials(order: int) -> tuple[tuple[int, int, int], ...]:
+    return tuple(a for level in _MONOMIALS[: order + 1] for a in level)
+
+
+def _power(x: Array, alpha: tuple[int, int, int]) -> Array:
+    """x^α = Π_a x[..., a]^α_a for (..., 3) arrays."""
+    out = jnp.ones(x.shape[:-1], x.dtype)
+    for a, k in enumerate(alpha):
+        if k:
+            out = out * x[..., a] ** k
+    return out
+
+
+def _near_concat(crystal: Nanocrystal, electron: Array, averages: HoleAverages) -> tuple[Array, Array, Array]:
+    """All species' near pairs as flat arrays: atom (P,), weight (P,), displacement u = e + v (P, 3)."""
+    atom = jnp.concatenate([p.atom.reshape(-1) for p in averages.near])
+    weight = jnp.concatenate([p.weight.reshape(-1) for p in averages.near])
+    hole = jnp.concatenate([p.hole_part.reshape(-1, 3) for p in averages.near])
+    return atom, weight, electron[atom] + hole
+
+
+def _window_offsets(g: Grid) -> Array:
+    """δq = q − centre along each axis of one window: (3, m) (the axes' offsets from the window centre)."""
+    return jnp.stack([axis - c for axis, c in zip(g.axes(), g.centre, strict=True)])
+
+
+def window_mean_changes(
+    crystal: Nanocrystal,
+    scattering: ScatteringFactors,
+    grid: Grid,
+    electron: Float[Array, "n 3"],
+    averages: HoleAverages,
+    factors: tuple[float, ...],
+    order: int = 2,
+) -> tuple[Array, list[Array]]:
+    """F0 and D̄ for each factor m on small windows, as `mean_changes`, with the near pairs expanded per window.
+
+    Within a window of centre q_c, a near pair's phase factor is e^{z q·u} = e^{z q_c·u} Σ_n (z δq·u)^n / n!
+    (z = 2πi m, δq = q − q_c), summed to `order`: every pair then contributes per-atom weights for the monomials
+    δq^α, so the near clouds reduce to weights on the crystal's own atoms, and the far pairs' polynomial
+    (module docstring, item 1) is rewritten in δq the same way (exactly: it is of second order). One matrix
+    product per window and species (`window_structure_factor`) then gives every monomial's sum S_α, and
+    D̄(q) = Σ_α δq^α S_α(q). The remainder is (z |δq| |u|)^{order+1} / (order+1)! of a near pair's term.
+    """
+    monomials = _monomials(order)
+    atom, weight, u = _near_concat(crystal, electron, averages)
+    n = crystal.positions.shape[0]
+    far = far_moments(averages, electron)  # (10, n): 1, mean (3), second moments (6: MOMENT_PAIRS order)
+    mean = far[1:4].T  # (n, 3)
+    second = jnp.zeros((n, 3, 3), far.dtype)
+    for i, (a, b) in enumerate(MOMENT_PAIRS):
+        second = second.at[:, a, b].set(far[4 + i]).at[:, b, a].set(far[4 + i])
+    mask = crystal.mask
+    cdt = _complex_dtype(crystal.positions)
+    # window-independent parts: a near pair's monomial w u^α / α! (its factor z^|α| is applied per atom), and
+    # Σ_h w_h s_jh = 1 − p_j, the "− 1" of every near pair's e^{iθ} − 1
+    basis = jnp.stack([weight * _power(u, a) / math.prod(math.factorial(x) for x in a) for a in monomials], axis=1)
+    near_mass = 1.0 - averages.far_weight
+
+    def far_part(alpha: tuple[int, int, int], z: complex, qc: Array, u_qc: Array) -> Array | float:
+        """The far pairs' z q·ū + z²/2 qᵀUq rewritten in δq = q − q_c: the coefficient of δq^α, per atom."""
+        k = sum(alpha)
+        if k == 0:
+            return z * (mean @ qc) + 0.5 * z**2 * (u_qc @ qc)
+        if k == 1:
+            a = alpha.index(1)
+            return z * mean[:, a] + z**2 * u_qc[:, a]
+        if k == 2:
+            a, b = [ax for ax, x in enumerate(alpha) for _ in range(x)]
+            return z**2 * second[:, a, b] / (2.0 if a == b else 1.0)
+        return 0.0
+
+    def weights_of(g: Grid, _) -> Array:
+        qc = g.centre
+        phase = jnp.exp(TWO_PI * 1j * (u @ qc))  # e^{2πi q_c·u} per pair; its m-th power for m pairs
+        phases = [phase ** int(m) if float(m).is_integer() else jnp.exp(TWO_PI * 1j * m * (u @ qc)) for m in factors]
+        per_atom = jax.ops.segment_sum(
+            jnp.concatenate([ph[:, None] * basis for ph in phases], axis=1), atom, n
+        )  # (n, F·M)
+        u_qc = second @ qc
+        rows = [mask.astype(cdt)]  # F0
+        for i_m, m in enumerate(factors):
+            z = TWO_PI * 1j * m
+            for i, alpha in enumerate(monomials):
+                w = z ** sum(alpha) * per_atom[:, i_m * len(monomials) + i] + far_part(alpha, z, qc, u_qc)
+                rows.append((w - near_mass if i == 0 else w) * mask)
+        return jnp.stack(rows)
+
+    sums = window_structure_factor(crystal, scattering, grid, weights_of)  # (w, 1 + F·M, m, m, m)
+    offsets = jax.vmap(_window_offsets)(grid) if grid.centre.ndim == 2 else _window_offsets(grid)
+    dx = offsets[..., 0, :, None, None]
+    dy = offsets[..., 1, None, :, None]
+    dz = offsets[..., 2, None, None, :]
+    f0 = sums[..., 0, :, :, :]
+    changes = []
+    for i_m in range(len(factors)):
+        start = 1 + i_m * len(monomials)
+        d = jnp.zeros_like(f0)
+        for i, (ax, ay, az) in enumerate(monomials):
+            d = d + dx**ax * dy**ay * dz**az * sums[..., start + i, :, :, :]
+        changes.append(d)
+    return f0, changes
+
+
+def window_fluctuation_terms(
+    crystal: Nanocrystal,
+    scattering: ScatteringFactors,
+    grid: Grid,
+    averages: HoleAverages,
+    factors: tuple[float, ...],
+) -> list[Array]:
+    """`fluctuation_terms` on small windows: the far parts by one matrix product per window (3 weight vectors
+    per node), each node's near pairs as its own small cloud of displaced and undisplaced points."""
+    positions = crystal.positions
+    far = averages.fluctuation  # (f, n, 3)
+    n_f = far.shape[0]
+    n_nodes = averages.near[0].weight.shape[0]
+    near = [(p.atom[:n_f], p.weight[:n_f] * n_nodes, p.hole_part[:n_f]) for p in averages.near]
+    far_weights = jnp.moveaxis(far, -1, 1).reshape(n_f * 3, -1)  # rows (node, component)
+
+    def cloud(g: Grid, points: Array, weights: Array) -> Array:
+        """Σ_k w_hk e^{2πi q·p_hk} per node h: (f, m, m, m) for points (f, k, 3)."""
+        qx, qy, qz = g.axes()
+        ex = jnp.exp(TWO_PI * 1j * points[..., 0:1] * qx) * weights[..., None]
+        ey = jnp.exp(TWO_PI * 1j * points[..., 1:2] * qy)
+        ez = jnp.exp(TWO_PI * 1j * points[..., 2:3] * qz)
+        return jnp.einsum("hka,hkb,hkc->habc", ex, ey, ez)
+
+    def one(g: Grid) -> Array:
+        t = window_structure_factor(crystal, scattering, g, lambda *_: far_weights)
+        t = t.reshape(n_f, 3, *g.shape)
+        qx, qy, qz = (x.reshape(shape) for x, shape in zip(g.axes(), ((-1, 1, 1), (1, -1, 1), (1, 1, -1)), strict=True))
+        first = TWO_PI * 1j * (qx * t[:, 0] + qy * t[:, 1] + qz * t[:, 2])  # (f, m, m, m)
+        out = []
+        for m in factors:
+            x = m * first
+            for s, (atom, w, v) in enumerate(near):
+                pts = positions[atom]
+                c = cloud(g, pts + m * v, w) - cloud(g, pts, w)
+                x = x + _species_factor(scattering, g, s) * c
+            out.append((jnp.sum(x, axis=0), jnp.sum(_abs2(x), axis=0)))
+        return jnp.stack([jnp.stack([b, _abs2(a)]) for a, b in out])  # (F, 2, m, m, m): Σ|X|², |ΣX|²
+
+    per_window = jax.lax.map(one, grid) if grid.centre.ndim == 2 else one(grid)
+    terms = []
+    for i in range(len(factors)):
+        total2, abs_total = per_window[..., i, 0, :, :, :], per_window[..., i, 1, :, :, :]
+        terms.append((total2 - abs_total / n_f) / max(n_f - 1, 1))
+    return terms
+
+
 @eqx.filter_jit
 def accurate_difference(
     crystal: Nanocrystal,
@@ -244,6 +430,7 @@ def accurate_difference(
     n_fluctuation: int = DEFAULT_FLUCTUATION_NODES,
     near_radius: float = DEFAULT_NEAR_RADIUS,
     near_blend: float = DEFAULT_NEAR_BLEND,
+    engine: str = "auto",
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """Dark intensity and pumped − dark ΔI of one random-hole crystal (module docstring), electrons².
 
@@ -256,6 +443,8 @@ def accurate_difference(
         n_far: nodes (a prefix) used for the far pairs' moments.
         n_fluctuation: nodes (a prefix) used for the diffuse term.
         near_radius, near_blend: Å; pairs closer than the radius are exact (module docstring).
+        engine: "window" (per-window expansion and matrix products, item 3), "cloud" (NUFFTs of the point
+            clouds) or "auto": "window" for windows of at most `SMALL_WINDOW_VOXELS` voxels.
 
     Returns:
         (I_dark, ΔI), shaped like the grid (stacked windows lead), float.
@@ -276,8 +465,14 @@ def accurate_difference(
     )
     electron = model.electron_displacement(crystal)
     factors = (1.0, 2.0)  # one and two pairs (SI S2)
-    diffuse = fluctuation_terms(crystal, scattering, grid, averages, factors)
-    f0, changes = mean_changes(crystal, scattering, grid, electron, averages, factors)
+    if engine not in ("auto", "window", "cloud"):
+        raise InputError(f"engine must be 'auto', 'window' or 'cloud', got {engine!r}.")
+    if engine == "window" or (engine == "auto" and math.prod(grid.shape) <= SMALL_WINDOW_VOXELS):
+        diffuse = window_fluctuation_terms(crystal, scattering, grid, averages, factors)
+        f0, changes = window_mean_changes(crystal, scattering, grid, electron, averages, factors)
+    else:
+        diffuse = fluctuation_terms(crystal, scattering, grid, averages, factors)
+        f0, changes = mean_changes(crystal, scattering, grid, electron, averages, factors)
     diff = jnp.zeros(diffuse[0].shape, diffuse[0].dtype)
     for prob, d, fluct in zip((p[1], p[2]), changes, diffuse, strict=True):
         diff = diff + prob * (2.0 * jnp.real(jnp.conj(f0) * d) + _abs2(d) + fluct)

@@ -151,6 +151,27 @@ def _separable_multi(positions, weights, axes) -> Array:
     return jnp.moveaxis(acc.reshape(nx, ny, k, nz), 2, 0)
 
 
+def _window_block(positions, weights, axes) -> Array:
+    """Σ_j w_kj e^{2πi q·r_j} on one small grid: (K, nx, ny, nz); weights (K, n) real or complex.
+
+    One matrix product (nx·ny × n) @ (n × K·nz) over all atoms at once. For the fit's small windows (7³–11³)
+    this keeps the contraction long and the product wide, where `_separable_multi`'s per-row products
+    ((ny × c) @ (c × K nz)) are too small to run efficiently. Memory n (nx ny + K nz) complex: small windows only.
+    """
+    qx, qy, qz = axes
+    nx, ny, nz = qx.shape[0], qy.shape[0], qz.shape[0]
+    k, n = weights.shape
+    cdt = _complex_dtype(positions)
+    if n == 0:
+        return jnp.zeros((k, nx, ny, nz), cdt)
+    ex = jnp.exp(1j * TWO_PI * positions[:, 0:1] * qx[None, :])  # (n, nx)
+    ey = jnp.exp(1j * TWO_PI * positions[:, 1:2] * qy[None, :])
+    ez = jnp.exp(1j * TWO_PI * positions[:, 2:3] * qz[None, :])
+    exy = (ex[:, :, None] * ey[:, None, :]).reshape(n, nx * ny)
+    ezw = (weights.T.astype(cdt)[:, :, None] * ez[:, None, :]).reshape(n, k * nz)
+    return jnp.moveaxis((exy.T @ ezw).reshape(nx, ny, k, nz), 2, 0)
+
+
 # ---------------------------------------------------------------------------------------------- nufft
 def _nufft_block(positions, weights, grid: Grid, eps: float) -> Array:
     from jax_finufft import nufft1
@@ -254,6 +275,35 @@ def weighted_structure_factor(
         return out
 
     return _over_windows(one, grid)
+
+
+def window_structure_factor(crystal: Nanocrystal, scattering: ScatteringFactors, grid: Grid, weights_of, extra=None):
+    """Σ_j f_j(q) W_kj e^{2πi q·r_j} on each small window, with weights W made per window.
+
+    Args:
+        crystal: positions (n, 3) Å (the mask is not applied: put it into the weights).
+        scattering: per-species f(|q|).
+        grid: stacked small windows (n_windows, m, m, m) or one small grid, Å⁻¹.
+        weights_of: (window Grid, its slice of `extra`) -> (K, n) weights; called once per window inside a
+            `lax.map`, so per-window weights never exist for all windows at once.
+        extra: a pytree with a leading window axis (or None), passed to `weights_of`.
+
+    Returns:
+        (n_windows, K, m, m, m) (or (K, m, m, m) for one grid), complex, electrons × weight units.
+    """
+
+    def one(args) -> Array:
+        g, x = args
+        w = weights_of(g, x)
+        terms = [
+            _species_factor(scattering, g, s) * _window_block(crystal.positions[a:b], w[:, a:b], g.axes())
+            for s, (a, b) in enumerate(crystal.blocks)
+        ]
+        return sum(terms[1:], terms[0])
+
+    if grid.centre.ndim == 2:
+        return jax.lax.map(one, (grid, extra))
+    return one((grid, extra))
 
 
 @eqx.filter_jit
