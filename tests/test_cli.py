@@ -99,6 +99,8 @@ def test_models_from_the_command_line(model, tmp_path, capsys):
     np.testing.assert_allclose(window.difference, window.pump - window.dark)
     assert np.abs(window.difference).max() > 0
     assert vf.config["simulate"]["model"] == model
+    # the random hole's default ΔI is the accurate one, the others' the linear one
+    assert vf.config["simulate"]["method"] == ("accurate" if model == "random-hole" else "linear")
 
 
 def test_external_model_from_xyz(tmp_path, capsys):
