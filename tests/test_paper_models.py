@@ -47,9 +47,20 @@ def test_quick_run_writes_all_outputs(tmp_path, capsys, monkeypatch):
     assert len({r["case"] for r in rows if r["group"] == "c"}) == 2
 
     config = json.loads((out / "config.json").read_text())
-    assert config["resolved"]["method"] == "linear" and "versions" in config["provenance"]
-    # the per-species reconstruction of the linear charge models matches the direct runs
+    assert config["resolved"]["method"] == "accurate" and "versions" in config["provenance"]
+    # the deterministic models keep linear with its per-species bases, which match the direct runs
     assert config["basis_checks"] and all(c["rel_l2_dI"] < 1e-3 for c in config["basis_checks"])
+    assert all("central hole" in c["case"] for c in config["basis_checks"])
+    # the random holes ran accurate, each with its quadrature error (a second rule of twice the nodes)
+    for case in config["cases"]:
+        assert case["method"] == ("accurate" if case["model"] == "random-hole" else "linear"), case
+        if case["group"] == "b":
+            q = case["quadrature_error"]
+            assert set(q) == set(pm.PEAKS) and all(v >= 0 for row in q.values() for v in row.values())
+    # and their k scan ran directly, at both biases
+    scan = [c for c in config["cases"] if c["group"] == "b-scan"]
+    assert {c["params"]["hole_bias"] for c in scan} == {0.1, 1.0} and all(c["source"] == "direct" for c in scan)
     summary = (out / "summary.md").read_text()
     for heading in ("## (1)", "## (2)", "## (3)", "## (4)", "## (5)"):
         assert heading in summary
+    assert "Margins (|m| / q" in summary and "Random-hole k scan (accurate" in summary
