@@ -44,6 +44,9 @@ class Laplace:
         condition: largest / smallest eigenvalue of the correlation matrix (large = near-degenerate).
         positive_definite: False when H has a non-positive eigenvalue (σ are then NaN).
         sigma_note: None when every σ is finite, else why σ is unavailable (a sentence to print beside it).
+        hessian: (k, k) Hessian of the loss in the unconstrained parameters at the optimum.
+        sigma_statistical: (k,) the σ of the data alone, before any model-error term (`with_model_error`).
+        sigma_model: (k,) the model-error term added in quadrature (None: none added).
     """
 
     names: tuple[str, ...]
@@ -59,6 +62,9 @@ class Laplace:
     condition: float
     positive_definite: bool
     sigma_note: str | None = None
+    hessian: np.ndarray | None = None
+    sigma_statistical: np.ndarray | None = None
+    sigma_model: np.ndarray | None = None
 
     def table(self) -> dict[str, dict]:
         """{name: {"value", "sigma"}}, plus "sigma_note" (the reason) where σ is NaN or infinite."""
@@ -107,7 +113,29 @@ def laplace(objective, z_hat: np.ndarray) -> Laplace:
         condition=condition,
         positive_definite=positive,
         sigma_note=note,
+        hessian=hessian,
     )
+
+
+def model_shift(objective, other, z_hat: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """(k,) physical parameter shift when `objective`'s model is replaced by `other`'s at the optimum z_hat.
+
+    One Newton step of `other` from z_hat: δz = −H⁻¹ ∇L_other(z_hat) (∇L = 0 there for `objective`), mapped to
+    physical units by the parameter Jacobian. Exact for quadratic losses with equal Hessians. With `other` the
+    same fit on a finer quadrature rule, |δx| is the quadrature error of the fitted values.
+    """
+    z = jnp.asarray(z_hat, float)
+    grad = np.asarray(jax.grad(other)(z), float)
+    dz = -np.linalg.pinv(hessian) @ grad
+    return np.asarray(objective.parameters.jacobian(z), float) * dz
+
+
+def with_model_error(unc: Laplace, shift: np.ndarray) -> Laplace:
+    """`unc` with |shift| added in quadrature to every σ (a systematic error of the forward model, e.g. the
+    quadrature of the hole average); the statistical and model parts are kept apart in the result."""
+    model = np.abs(np.asarray(shift, float))
+    sigma = np.sqrt(unc.sigma**2 + model**2)
+    return dataclasses.replace(unc, sigma=sigma, sigma_statistical=unc.sigma, sigma_model=model)
 
 
 def sigma_unavailable(hessian: np.ndarray, names: tuple[str, ...], *, finite: bool = True) -> str:

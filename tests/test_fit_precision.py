@@ -277,3 +277,35 @@ def test_fit_result_records_precision_and_sigma_reason(structure, monkeypatch, t
     assert config_json["fit"]["x64"] is False
     text = format_result(outcome)
     assert "n/a" in text and "nan" not in text.lower() and result["sigma_unavailable"] in text
+
+
+def test_model_shift_is_the_minimiser_shift_of_a_quadratic():
+    """`model_shift` (one Newton step of the other model from the optimum) equals the exact move of the minimum
+    for quadratic losses with one Hessian, and `with_model_error` adds it to σ in quadrature."""
+    from fitting.uncertainty import model_shift, with_model_error
+
+    params = select("central-hole", "k_br,amplitude", ("Cs", "Pb", "Br"), free_scale=False)
+    inverse = jnp.asarray([[4.0e2, 30.0], [30.0, 9.0e4]])
+    centre = jnp.asarray([0.5, 0.02])
+    here, there = QuadraticChi2(params, centre, inverse), QuadraticChi2(params, centre * 1.001, inverse)
+    z_hat = params.unconstrained(dict(zip(params.names, [0.5, 0.02], strict=True)))
+    unc = laplace(here, np.asarray(z_hat))
+    shift = model_shift(here, there, np.asarray(z_hat), unc.hessian)
+    # the loss is quadratic in x, not in z (log parameters): the Newton step is exact to second order in the shift
+    np.testing.assert_allclose(shift, np.asarray(centre) * 1e-3, rtol=2e-3)
+    total = with_model_error(unc, shift)
+    np.testing.assert_allclose(total.sigma, np.sqrt(unc.sigma**2 + shift**2))
+    np.testing.assert_array_equal(total.sigma_statistical, unc.sigma)
+
+
+def test_accurate_fit_sigma_includes_the_quadrature_error(structure):
+    """An accurate random-hole fit adds the quadrature error (its shift on twice the nodes) to σ in quadrature,
+    keeps the parts apart, prints it, and still finds the truth within σ."""
+    measured = _measured(structure, RANDOM)
+    outcome = _fit(structure, RANDOM, measured, x64=False)
+    lp = outcome.laplace
+    assert lp.sigma_model is not None and np.all(np.isfinite(lp.sigma_model)) and np.all(lp.sigma_model > 0)
+    np.testing.assert_allclose(lp.sigma, np.sqrt(lp.sigma_statistical**2 + lp.sigma_model**2), rtol=1e-6)
+    truth = np.array([RANDOM.truth[n] for n in lp.names])
+    assert np.all(np.abs(lp.values - truth) < lp.sigma), (lp.values, lp.sigma)
+    assert "quadrature error of the hole average" in format_result(outcome)
