@@ -263,7 +263,7 @@ def fit(
     if bar is not None:
         bar.close()
     unc = laplace(objective, best.z)
-    if config.method == "accurate" and unc.positive_definite:
+    if config.method == "accurate" and unc.positive_definite and unc.hessian is not None:
         # the quadrature of the hole average is a model error the data cannot reveal: the fit's values on a
         # rule of twice the nodes (one Newton step) tell how far it moves them, added in quadrature to σ
         forward = objective.forward
