@@ -179,7 +179,9 @@ def _report(state: dict, reduction: dict, fit_state: dict) -> str:
         true, value, sigma = fit_state["truth"][name], p["value"], p["sigma"]
         dev = (value - true) / sigma if sigma and sigma == sigma and sigma > 0 else float("nan")
         rel = (value - true) / true if true else float("nan")
-        rows.append(f"| {name} | {true:.4g} | {value:.4g} ± {sigma:.2g} | {rel:+.1%} | {dev:+.2f} |")
+        note = p.get("sigma_note") or "see the fit output below"
+        shown = f"{value:.4g} ± {sigma:.2g}" if dev == dev else f"{value:.4g} (σ n/a: {note})"
+        rows.append(f"| {name} | {true:.4g} | {shown} | {rel:+.1%} | {dev:+.2f} |")
     held = ", ".join(f"{k} = {v:g}" for k, v in fit_state["held"].items())
     seconds = {k: v.get("seconds") for k, v in state.items() if isinstance(v, dict) and "seconds" in v}
     run_dir = fit_state["run_dir"]
