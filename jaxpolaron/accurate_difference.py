@@ -453,6 +453,8 @@ def accurate_difference(
         raise InputError(f"the accurate method is for the random-hole model, not {type(model).__name__}.")
     if not isinstance(grid, Grid):
         raise InputError("the accurate method needs grid-aligned q (windows or a grid), not a q list.")
+    if engine not in ("auto", "window", "cloud"):
+        raise InputError(f"engine must be 'auto', 'window' or 'cloud', got {engine!r}.")
     p = occupancy.probabilities()
     averages = hole_averages(
         model,
@@ -465,8 +467,6 @@ def accurate_difference(
     )
     electron = model.electron_displacement(crystal)
     factors = (1.0, 2.0)  # one and two pairs (SI S2)
-    if engine not in ("auto", "window", "cloud"):
-        raise InputError(f"engine must be 'auto', 'window' or 'cloud', got {engine!r}.")
     if engine == "window" or (engine == "auto" and math.prod(grid.shape) <= SMALL_WINDOW_VOXELS):
         diffuse = window_fluctuation_terms(crystal, scattering, grid, averages, factors)
         f0, changes = window_mean_changes(crystal, scattering, grid, electron, averages, factors)
