@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxpolaron.accurate_difference import accurate_engine
 from jaxpolaron.crystal import Nanocrystal
 from jaxpolaron.deformation.base import Deformation
 from jaxpolaron.ensemble import GammaSizes, Method, pumped_difference, size_crystals
@@ -46,6 +47,7 @@ class EnsembleForward(eqx.Module):
         method: "accurate" (quadrature hole average, within 1–2 % of exact), "linear" (first order in the
             hole-averaged field), "exact" or "second".
         nodes: quadrature nodes of the "accurate" method (a power of two, >= 32).
+        accurate_engine: its route for these windows (`jaxpolaron.accurate_difference.accurate_engine`).
     """
 
     crystals: tuple[Nanocrystal, ...]
@@ -57,6 +59,7 @@ class EnsembleForward(eqx.Module):
     n_holes: int = eqx.field(static=True)
     method: str = eqx.field(static=True)
     nodes: int = eqx.field(static=True, default=DEFAULT_NODES)
+    accurate_engine: str = eqx.field(static=True, default="auto")
 
     def dark(self) -> Float[Array, "n_members m m m"]:
         """Σ_s w_s |F_s|² on the windows (independent of the model), electrons²."""
@@ -80,6 +83,7 @@ class EnsembleForward(eqx.Module):
                 n_holes=self.n_holes,
                 method=self.method,  # type: ignore[arg-type]
                 nodes=self.nodes,
+                accurate_engine=self.accurate_engine,
             )
             i0, diff = i0 + _per_member(w) * d_i, diff + _per_member(w) * diff_i
         return i0, diff
@@ -131,6 +135,7 @@ def build_forward(
         n_holes=int(n_holes),
         method=str(method),
         nodes=int(nodes),
+        accurate_engine=accurate_engine(grid),
     )
 
 

@@ -164,6 +164,7 @@ def pumped_difference(
     engine: Engine = "auto",
     batch: int = 4,
     nodes: int = DEFAULT_NODES,
+    accurate_engine: str = "auto",
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """Dark intensity and pumped − dark difference of one crystal, averaged over hole samples.
 
@@ -186,6 +187,7 @@ def pumped_difference(
         batch: samples per vmapped batch (bounds memory; 2-4 is as fast as 8 on CPU with a quarter of the
             memory, benchmarks/bench_ensemble.py).
         nodes: quadrature nodes of the "accurate" method (a power of two, >= 32).
+        accurate_engine: its route (`accurate_difference`'s engine; `accurate_engine(q)` picks it for a grid).
 
     Returns:
         (I_dark, ΔI), both shaped like `structure_factor`'s output, electrons².
@@ -198,7 +200,7 @@ def pumped_difference(
         if not isinstance(q, Grid):
             raise InputError('method "accurate" needs grid-aligned q (windows or a grid), not a q list.')
         rule = sobol_nodes(nodes, dtype=crystal.positions.dtype)
-        return accurate_difference(crystal, scattering, q, model, occupancy, rule)
+        return accurate_difference(crystal, scattering, q, model, occupancy, rule, engine=accurate_engine)
     p = occupancy.probabilities()
     f0 = structure_factor(crystal, scattering, q, engine)
     i0 = _abs2(f0)

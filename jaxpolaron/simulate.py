@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpolaron.accurate_difference import outside_validated_range
+from jaxpolaron.accurate_difference import accurate_engine, outside_validated_range
 from jaxpolaron.crystal import Nanocrystal
 from jaxpolaron.deformation import (
     CentralHole,
@@ -269,6 +269,7 @@ def simulate(
                     method=method,
                     nodes=config.nodes,
                     engine=config.engine,  # type: ignore[arg-type]
+                    accurate_engine=accurate_engine(q) if method == "accurate" else "auto",
                 )
             w_dark = weights[i] * np.asarray(i0)
             w_diff = np.zeros_like(w_dark) if d is None else weights[i] * np.asarray(d)

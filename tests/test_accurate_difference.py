@@ -208,3 +208,21 @@ def test_warns_outside_the_measured_range(structure):
     assert outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.05)) is None
     assert "--exact" in outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.5))
     assert outside_validated_range(RandomHole.for_crystal(crystal, amplitude=0.05, k=[1.0, 1.0, 0.1])) is not None
+
+
+def test_window_route_only_within_its_reach(structure):
+    """Small windows of a coarse voxel reach beyond the expansion's tested range: `accurate_engine` sends them to
+    the NUFFT route, and the window route forced onto them returns NaN instead of a quietly wrong ΔI."""
+    from jaxpolaron.accurate_difference import WINDOW_REACH, accurate_engine, window_reach
+
+    crystal, sf, fine = _setup(structure, shape=7, voxel=2 / 256)
+    _, _, coarse = _setup(structure, shape=7, voxel=0.03)
+    assert float(window_reach(fine)) < WINDOW_REACH < float(window_reach(coarse))
+    assert accurate_engine(fine) == "window" and accurate_engine(coarse) == "cloud"
+    model = RandomHole.for_crystal(crystal)
+    nodes = sobol_nodes(64)
+    forced = accurate_difference(crystal, sf, coarse, model, Occupancy(), nodes, engine="window")[1]
+    assert bool(jnp.all(jnp.isnan(forced)))
+    routed = pumped_difference(crystal, sf, coarse, model, Occupancy(), method="accurate", nodes=64,
+                               accurate_engine=accurate_engine(coarse))[1]  # fmt: skip
+    assert bool(jnp.all(jnp.isfinite(routed))) and float(jnp.max(jnp.abs(routed))) > 0
