@@ -269,7 +269,7 @@ def simulate(
                     method=method,
                     nodes=config.nodes,
                     engine=config.engine,  # type: ignore[arg-type]
-                    accurate_engine=accurate_engine(q) if method == "accurate" else "auto",
+                    accurate_engine=accurate_engine(q) if method == "accurate" and isinstance(q, Grid) else "auto",
                 )
             w_dark = weights[i] * np.asarray(i0)
             w_diff = np.zeros_like(w_dark) if d is None else weights[i] * np.asarray(d)
