@@ -109,6 +109,8 @@ def accurate_engine(grid: Grid) -> str:
     Callers that know their grid pick the route with it; under a trace "auto" can only look at the shape."""
     small = math.prod(grid.shape) <= SMALL_WINDOW_VOXELS
     return "window" if small and float(window_reach(grid)) <= WINDOW_REACH else "cloud"
+
+
 _FLUCTUATION_EPS = 1e-4
 # the near pairs' clouds: the default tolerance. Their displaced and undisplaced sums nearly cancel at small
 # amplitudes, so 1e-4 of the cloud's size would be ~1 % of ΔI at 0.005 Å (measured); 1e-6 is not slower here.
@@ -415,13 +417,16 @@ def window_fluctuation_terms(
         t = t.reshape(n_f, 3, *g.shape)
         qx, qy, qz = (x.reshape(shape) for x, shape in zip(g.axes(), ((-1, 1, 1), (1, -1, 1), (1, 1, -1)), strict=True))
         first = TWO_PI * 1j * (qx * t[:, 0] + qy * t[:, 1] + qz * t[:, 2])  # (f, m, m, m)
+        # per species: f_s(q), the near atoms' sites and their undisplaced cloud (the same for every factor)
+        species = []
+        for s, (atom, w, v) in enumerate(near):
+            pts = positions[atom]
+            species.append((_species_factor(scattering, g, s), pts, w, v, cloud(g, pts, w)))
         out = []
         for m in factors:
             x = m * first
-            for s, (atom, w, v) in enumerate(near):
-                pts = positions[atom]
-                c = cloud(g, pts + m * v, w) - cloud(g, pts, w)
-                x = x + _species_factor(scattering, g, s) * c
+            for f_s, pts, w, v, undisplaced in species:
+                x = x + f_s * (cloud(g, pts + m * v, w) - undisplaced)
             out.append((jnp.sum(x, axis=0), jnp.sum(_abs2(x), axis=0)))
         return jnp.stack([jnp.stack([b, _abs2(a)]) for a, b in out])  # (F, 2, m, m, m): Σ|X|², |ΣX|²
 
