@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                    help="crystals' weight in the voxel means: inverse-scale (Poisson maximum likelihood: "
                         "faint, strongly scaled crystals count less) or uniform (the paper's plain mean) "
                         "(inverse-scale)")  # fmt: skip
+    p.add_argument("--scaling", default="reference",
+                   help="per-crystal scales: reference (from the reference's brightest pixels) or unit (all 1: only "
+                        "for runs of constant fluence, e.g. synthetic bias studies) (reference)")  # fmt: skip
     p.add_argument("--mask-radius", type=_positive_float, default=4.0,
                    help="pixels excluded around peaks not indexed into a crystal and from backgrounds (4)")  # fmt: skip
     p.add_argument("--background-components", type=_positive_int, default=3, help="SVD components (3)")
@@ -51,7 +54,7 @@ def run(args) -> int:
     if args.scheduler and args.cluster:
         raise InputError("give either --scheduler or --cluster, not both.")
     config = ReduceConfig(grid_n=args.grid, q_max=args.q_max, mode=args.mode, min_similarity=args.min_similarity,
-                          crystal_weighting=args.crystal_weighting, mask_radius_px=args.mask_radius,
+                          crystal_weighting=args.crystal_weighting, scaling=args.scaling, mask_radius_px=args.mask_radius,
                           background_components=args.background_components, unit_frames=args.unit_frames)  # fmt: skip
     out = Path(args.out)
     stats = reduce_run(args.run, out, config=config, index_dir=args.index_dir, work_dir=args.work,

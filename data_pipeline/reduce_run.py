@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("dark", "pumped")
 CRYSTAL_WEIGHTINGS = ("uniform", "inverse-scale")
+SCALINGS = ("reference", "unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ReduceConfig:
         inverse-scale, 0.908 uniform (experiments/results/merge_pearson).
     batch_frames: frames per kernel call; unit_frames: frames of interest per map unit (and checkpoint).
     polarisation: correct for horizontal polarisation (EuXFEL).
+    scaling: "reference" (default): each crystal's scale from the reference's brightest pixels, as above;
+        "unit": every crystal keeps scale 1 (its similarity still decides acceptance). "unit" is right only where
+        every frame had the same fluence and no crystal-dependent attenuation: synthetic runs, bias studies.
     """
 
     grid_n: int = 257
@@ -77,6 +81,7 @@ class ReduceConfig:
     batch_frames: int = 16
     unit_frames: int = 256
     polarisation: bool = True
+    scaling: str = "reference"
 
     def __post_init__(self):
         from data_pipeline.merge import MODES
@@ -88,6 +93,8 @@ class ReduceConfig:
         if self.crystal_weighting not in CRYSTAL_WEIGHTINGS:
             raise InputError(f"crystal weighting must be one of {', '.join(CRYSTAL_WEIGHTINGS)}, "
                              f"got {self.crystal_weighting!r}.")  # fmt: skip
+        if self.scaling not in SCALINGS:
+            raise InputError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}.")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise InputError(f"min_similarity is a cosine in [-1, 1], got {self.min_similarity}.")
         if self.background_components < 1 or self.n_brightest < 1 or self.batch_frames < 1 or self.unit_frames < 1:
@@ -343,6 +350,8 @@ def final_stage(unit: Unit, ctx: Context, reference) -> dict:
                                    *constants, grid=grid, n_brightest=cfg.n_brightest)  # fmt: skip
         n = len(ids)
         scale, sim, n_sel = (np.asarray(x)[:n] for x in stats)
+        if cfg.scaling == "unit":
+            scale = np.where(np.isfinite(scale) & (scale > 0), 1.0, scale)
         accepted = np.isfinite(scale) & (scale > 0) & np.isfinite(sim) & (sim >= cfg.min_similarity)
         s_acc = scale[accepted]
         weight = 1.0 / s_acc if cfg.crystal_weighting == "inverse-scale" else None

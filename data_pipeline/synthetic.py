@@ -3,7 +3,7 @@
 Cost (notes/physics.md, "Cost warning for synthetic frames"): a direct sum over ~1 M pixels × ~3,000 atoms
 per crystal per frame is far too slow, so each crystal size's |F(q)|² is computed ONCE on a regular
 crystal-frame grid covering the detector's |q| (type-1 NUFFT, `jaxpolaron.structure_factor.intensity`), and a
-frame then only interpolates that volume (trilinear) at q_crystal = Rᵀ q_lab of every pixel
+frame then only interpolates that volume (tricubic, `_tricubic`) at q_crystal = Rᵀ q_lab of every pixel
 (q_lab = R q_crystal, `jaxpolaron.reciprocal.random_rotations`).
 
 Sampling caveat: the Bragg peaks of an s-nm crystal are ~1/s Å⁻¹ wide (FWHM ~0.02 Å⁻¹ at 5 nm). A grid of n³
@@ -34,6 +34,7 @@ dispatches frame i+1 to XLA before drawing frame i's photons, so the two overlap
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -68,6 +69,9 @@ class SyntheticConfig:
     3–4 nm give 0 peaks, 5 nm ~3, 6 nm ~11, 7–8 nm ~20. Found peaks scale steeply with fluence (1e14:
     per-crystal median 12; 3e13: median 1). It is higher than a typical SPB focus delivers.
     n_variants: hole realisations tabulated per size for a random deformation model.
+    paired, noise: switches for bias studies, off in a real-like run. `paired`: every frame of a pump group (the
+    `pump_every` consecutive frames of `RunLayout`) holds the same crystals (sizes, orientations), so dark and
+    pumped classes differ only by the deformation. `noise` False: frames are λ itself, no Poisson draw.
     """
 
     energy_kev: float = 13.6
@@ -87,6 +91,10 @@ class SyntheticConfig:
     grid_n: int = 257  # volume samples per axis
     q_max: float = 1.0  # Å⁻¹, half-width of the volume (must cover the detector's |q|)
     n_variants: int = 4  # hole realisations per size (random models)
+    # truth-side switches of the closed-loop bias study (experiments/closed_loop_bias.py); defaults = a real run
+    interpolation: str = "cubic"  # of the |F|² tables at the pixels' q: "cubic" (Catmull–Rom) or "linear"
+    paired: bool = False  # the frames of one pump group (pump_every frames) hold the same crystals
+    noise: bool = True  # False: the expected photons λ instead of Poisson counts
 
     def __post_init__(self):
         if not 0.0 <= self.hit_fraction <= 1.0:
@@ -103,6 +111,8 @@ class SyntheticConfig:
         for name in ("fluence_ph_per_um2", "ring_photons"):
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if self.interpolation not in ("cubic", "linear"):
+            raise InputError(f"interpolation must be 'cubic' or 'linear', got {self.interpolation!r}.")
         if not 0.0 <= self.bad_pixel_fraction < 1.0:
             raise InputError(f"bad_pixel_fraction must lie in [0, 1), got {self.bad_pixel_fraction}.")
 
@@ -367,8 +377,47 @@ def _trilinear(tables_flat: jax.Array, n: int, offset: jax.Array, coords: jax.Ar
     return jnp.where(inside, out, 0.0)
 
 
-def bragg_photons(det: Detector, vol: Volumes, crystals: Crystals) -> jax.Array:
-    """Expected crystal photons per pixel, (16, 512, 128) (jit-able; loops over the `n` crystals only)."""
+def _catmull_rom_weights(t: jax.Array) -> tuple[jax.Array, ...]:
+    """Catmull–Rom weights of the samples at −1, 0, 1, 2 for a point at t ∈ [0, 1) between samples 0 and 1."""
+    t2, t3 = t * t, t * t * t
+    return (
+        0.5 * (-t3 + 2.0 * t2 - t),
+        0.5 * (3.0 * t3 - 5.0 * t2 + 2.0),
+        0.5 * (-3.0 * t3 + 4.0 * t2 + t),
+        0.5 * (t3 - t2),
+    )
+
+
+def _tricubic(tables_flat: jax.Array, n: int, offset: jax.Array, coords: jax.Array) -> jax.Array:
+    """Catmull–Rom (tricubic) interpolation of table `offset // n³` at grid coordinates `coords` (3, m); 0 outside.
+
+    Why not trilinear: averaged over a merge voxel, a trilinear interpolant of samples one voxel apart is the
+    samples smoothed by [1/8, 3/4, 1/8] per axis, three times the voxel's own box average (variance v²/4 against
+    v²/12). Bragg peaks of 4–7 nm crystals are 1.6–3 voxels wide, so that smoothing, which real data do not have,
+    biased the demo's fit by −28 % (docs/closed_loop.md). Catmull–Rom reproduces quadratics, so the voxel
+    averages of its interpolant match the box averages of the tabulated intensity to fourth order. It can
+    overshoot below zero next to a sharp peak; callers clip λ at 0.
+    """
+    i0 = jnp.floor(coords)
+    frac = coords - i0
+    i0 = i0.astype(jnp.int32)
+    inside = jnp.all((i0 >= 1) & (i0 < n - 2), axis=0)
+    i0 = jnp.clip(i0, 1, n - 3)
+    wx, wy, wz = (_catmull_rom_weights(frac[a]) for a in range(3))
+    out = jnp.zeros(coords.shape[1], tables_flat.dtype)
+    for dx in range(4):
+        for dy in range(4):
+            wxy = wx[dx] * wy[dy]
+            base = offset + ((i0[0] + dx - 1) * n + (i0[1] + dy - 1)) * n + i0[2] - 1
+            for dz in range(4):
+                out = out + wxy * wz[dz] * tables_flat[base + dz]
+    return jnp.where(inside, out, 0.0)
+
+
+def bragg_photons(det: Detector, vol: Volumes, crystals: Crystals, interpolation: str = "cubic") -> jax.Array:
+    """Expected crystal photons per pixel, (16, 512, 128) (jit-able; loops over the `n` crystals only).
+    `interpolation` of the tables: "cubic" (Catmull–Rom, `_tricubic`) or "linear" (static)."""
+    interp = _tricubic if interpolation == "cubic" else _trilinear
     crystals = Crystals(*(jnp.asarray(x) for x in crystals))  # truth read back from disk comes as numpy
     q_flat = det.q.reshape(-1, 3)
     n = vol.tables.shape[1]
@@ -380,21 +429,25 @@ def bragg_photons(det: Detector, vol: Volumes, crystals: Crystals) -> jax.Array:
         t = jnp.where(v >= 0, vol.pumped_index[s, jnp.maximum(v, 0)], vol.dark_index[s])
         qc = q_flat @ crystals.rotations[i]  # row form of Rᵀ q
         coords = qc.T / vol.voxel + vol.origin_index
-        return acc + _trilinear(flat, n, t * n**3, coords)
+        return acc + interp(flat, n, t * n**3, coords)
 
     total = jax.lax.fori_loop(0, crystals.n, one, jnp.zeros(q_flat.shape[0], jnp.float32))
-    return total.reshape(det.scale.shape) * det.scale
+    return jnp.maximum(total, 0.0).reshape(det.scale.shape) * det.scale
 
 
-@jax.jit
-def expected_photons(det: Detector, vol: Volumes, crystals: Crystals) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="interpolation")
+def expected_photons(det: Detector, vol: Volumes, crystals: Crystals, interpolation: str = "cubic") -> jax.Array:
     """λ = Bragg + diffuse ring, (16, 512, 128) expected photons per pixel."""
-    return bragg_photons(det, vol, crystals) + det.ring
+    return bragg_photons(det, vol, crystals, interpolation) + det.ring
 
 
-def poisson_counts(key: jax.Array, lam: np.ndarray, bad: np.ndarray) -> np.ndarray:
+def poisson_counts(key: jax.Array, lam: np.ndarray, bad: np.ndarray, noise: bool = True) -> np.ndarray:
     """Photon counts ~ Poisson(λ) (float32, bad pixels 0), drawn on the host by numpy from a generator seeded
-    with `key`'s data (deterministic in `key`)."""
+    with `key`'s data (deterministic in `key`); λ itself when `noise` is False."""
+    if not noise:
+        counts = np.asarray(lam, np.float32).copy()
+        counts[bad] = 0.0
+        return counts
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
     counts = rng.poisson(np.asarray(lam, np.float64)).astype(np.float32)
     counts[bad] = 0.0
@@ -404,16 +457,18 @@ def poisson_counts(key: jax.Array, lam: np.ndarray, bad: np.ndarray) -> np.ndarr
 _draw = jax.jit(draw_crystals, static_argnums=(1, 2))
 
 
-def _dispatch(key, det, vol, config, pumped: bool):
+def _dispatch(key, det, vol, config, pumped: bool, crystal_key=None):
     k_cryst, k_noise = jax.random.split(key)
+    if crystal_key is not None:  # paired classes: the crystals of the frame's pump group
+        k_cryst = jax.random.split(crystal_key)[0]
     crystals = _draw(k_cryst, config, vol.n_variants, jnp.asarray(pumped))
-    return expected_photons(det, vol, crystals), crystals, k_noise
+    return expected_photons(det, vol, crystals, config.interpolation), crystals, k_noise
 
 
 def simulate_frame(key: jax.Array, det: Detector, vol: Volumes, config: SyntheticConfig, pumped: bool):
     """One frame: (photons (16, 512, 128) float32 with bad pixels 0, Crystals truth as numpy)."""
     lam, crystals, k_noise = _dispatch(key, det, vol, config, pumped)
-    return poisson_counts(k_noise, np.asarray(lam), np.asarray(det.bad)), jax.tree.map(np.asarray, crystals)
+    return poisson_counts(k_noise, np.asarray(lam), np.asarray(det.bad), config.noise), jax.tree.map(np.asarray, crystals)
 
 
 def frames(
@@ -438,12 +493,17 @@ def frames(
         raise ValueError(f"frame range {start}..{stop} outside the run's {layout.n_frames} frames")
     if start == stop:
         return
-    pending = _dispatch(jax.random.fold_in(key, start), det, vol, config, bool(pumped[start]))
+
+    def dispatch(i):
+        group = jax.random.fold_in(key, i - i % layout.pump_every) if config.paired else None
+        return _dispatch(jax.random.fold_in(key, i), det, vol, config, bool(pumped[i]), group)
+
+    pending = dispatch(start)
     for i in range(start, stop):
         lam, crystals, k_noise = pending
         if i + 1 < stop:  # asynchronous: XLA computes the next λ while numpy draws this frame's photons
-            pending = _dispatch(jax.random.fold_in(key, i + 1), det, vol, config, bool(pumped[i + 1]))
-        yield poisson_counts(k_noise, np.asarray(lam), bad), jax.tree.map(np.asarray, crystals)
+            pending = dispatch(i + 1)
+        yield poisson_counts(k_noise, np.asarray(lam), bad, config.noise), jax.tree.map(np.asarray, crystals)
 
 
 def bad_pixel_mask(det: Detector) -> np.ndarray:

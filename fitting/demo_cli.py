@@ -125,7 +125,9 @@ def run(args) -> int:
     return 0
 
 
-def _fit(out: Path, run_dir: Path, volume: Path, fitted: tuple[str, ...], structure, *, quiet: bool) -> dict:
+def _fit(
+    out: Path, run_dir: Path, volume: Path, fitted: tuple[str, ...], structure, *, quiet: bool, voxel_points: int = 0
+) -> dict:
     from fitting.parameters import model_parameters
     from fitting.run_fit import FitConfig, fit, format_result, load_windows
 
@@ -152,6 +154,7 @@ def _fit(out: Path, run_dir: Path, volume: Path, fitted: tuple[str, ...], struct
         max_steps=30,
         patience=4,
         starts=1,
+        voxel_points=voxel_points,
     )
     windows = load_windows(volume, config, structure)
     outcome = fit(config, windows, structure=structure, out_root=out / "fits", label="demo",

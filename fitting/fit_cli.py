@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", help="also profile χ² along this fitted parameter")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of holes and starts (0)")
     p.add_argument("--neutral", action="store_true", help="neutral-atom f0 (default: ionic, as synthetic runs)")
+    p.add_argument("--voxel-points", type=int, default=0,
+                   help="Gauss–Legendre nodes per voxel axis of the model's voxel average (1–4; 0: 2 for merged "
+                        "volumes, whose voxels are means over the voxel, 1 for simulated grids) (0)")  # fmt: skip
     p.add_argument("--x64", action="store_true", help="compute in float64 (default float32; recorded in the run)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.set_defaults(func=run)
@@ -117,6 +120,7 @@ def run(args) -> int:
         starts=args.starts,
         profile=args.profile,
         x64=args.x64,
+        voxel_points=args.voxel_points,
     )
     config.validate()
     structure = read_cif()

@@ -141,6 +141,9 @@ class MeasuredWindows:
         units: intensity units of the volume.
         scatter: (n_hkl, m, m, m) variance of the averaged difference estimated from how the 24 orientations
             scatter about it (`orientation_scatter`), or None (simulated windows).
+        voxel_mean: the voxels hold means over their volume (merged data: every pixel that falls in the voxel),
+            not values at their centres (simulated grids); the forward model then averages over the voxel too
+            (`fitting.forward.voxel_nodes`).
     """
 
     layout: WindowLayout
@@ -150,6 +153,7 @@ class MeasuredWindows:
     counts_pump: np.ndarray
     units: str = "counts"
     scatter: np.ndarray | None = None
+    voxel_mean: bool = False
 
     @property
     def difference(self) -> np.ndarray:

@@ -135,3 +135,24 @@ def test_poisson_counts_deterministic_and_unbiased():
     assert not np.array_equal(a, synthetic.poisson_counts(jax.random.key(4), lam, bad))
     assert a.dtype == np.float32 and (a[0, :10] == 0).all()
     assert abs(a[1:].mean() - 0.7) < 4 * np.sqrt(0.7 / a[1:].size) and abs(a[1:].var() - 0.7) < 0.02
+
+
+def test_paired_classes_share_crystals_and_noise_off_gives_lambda(run, structure):
+    _, _, det, _, _ = run
+    cfg = synthetic.SyntheticConfig(sizes_nm=(3.0, 4.0), grid_n=65, hit_fraction=1.0, fluence_ph_per_um2=1e15,
+                                    paired=True, noise=False)  # fmt: skip
+    vol = synthetic.crystal_volumes(structure, cfg, model=synthetic.model_config("central-hole", amplitude=0.3))
+    layout = synthetic.RunLayout(n_trains=1, n_pulses=4, pump_every=2)
+    out = list(synthetic.frames(jax.random.key(5), det, vol, cfg, layout))
+    pumped = layout.pumped().reshape(-1)
+    for a, b in ((0, 1), (2, 3)):  # a pump group: same crystals, only the pump state (and variant) differs
+        ta, tb = out[a][1], out[b][1]
+        assert pumped[a] != pumped[b] and ta.n == tb.n > 0
+        np.testing.assert_array_equal(ta.rotations, tb.rotations)
+        np.testing.assert_array_equal(ta.size_index, tb.size_index)
+        # without noise a frame is λ itself: deterministic, fractional, and the pumped one differs (deformation)
+        lam = synthetic.expected_photons(det, vol, synthetic.Crystals(*ta))
+        expected = np.where(np.asarray(det.bad), 0.0, np.asarray(lam))
+        np.testing.assert_allclose(out[a][0], expected, rtol=1e-6)
+        assert not np.array_equal(out[a][0], out[b][0])
+    assert not np.array_equal(out[0][1].rotations, out[2][1].rotations)  # groups differ
