@@ -126,7 +126,15 @@ def run(args) -> int:
 
 
 def _fit(
-    out: Path, run_dir: Path, volume: Path, fitted: tuple[str, ...], structure, *, quiet: bool, voxel_points: int = 0
+    out: Path,
+    run_dir: Path,
+    volume: Path,
+    fitted: tuple[str, ...],
+    structure,
+    *,
+    quiet: bool,
+    voxel_points: int = 0,
+    patience: int = 4,
 ) -> dict:
     from fitting.parameters import model_parameters
     from fitting.run_fit import FitConfig, fit, format_result, load_windows
@@ -152,7 +160,7 @@ def _fit(
         scale="pumped",
         optimizer="lbfgs",
         max_steps=30,
-        patience=4,
+        patience=patience,
         starts=1,
         voxel_points=voxel_points,
     )
@@ -218,7 +226,8 @@ def _report(state: dict, reduction: dict, fit_state: dict) -> str:
         f"crystals), Ewald-sphere merging; merged crystals: dark {merged.get('dark', '?')}, pumped "
         f"{merged.get('pumped', '?')}.",
         f"3. `jaxpolaron fit`: family-averaged ({'), ('.join(''.join(map(str, h)) for h in HKLS)}) windows; "
-        f"exact {MODEL} ΔI (one pair per pumped crystal) with one size mixture per family fitted to the dark; "
+        f"exact {MODEL} ΔI (one pair per pumped crystal), averaged over each voxel as the merge averages its pixels, "
+        "with one size mixture per family fitted to the dark; "
         "dark scale for the dark class and a closed-form scale for the pumped class (the reduction scales every "
         f"crystal to a common reference); L-BFGS from the model defaults, {fit_state['steps']} steps.",
         "",
