@@ -54,8 +54,9 @@ def run(args) -> int:
     if args.scheduler and args.cluster:
         raise InputError("give either --scheduler or --cluster, not both.")
     config = ReduceConfig(grid_n=args.grid, q_max=args.q_max, mode=args.mode, min_similarity=args.min_similarity,
-                          crystal_weighting=args.crystal_weighting, scaling=args.scaling, mask_radius_px=args.mask_radius,
-                          background_components=args.background_components, unit_frames=args.unit_frames)  # fmt: skip
+                          crystal_weighting=args.crystal_weighting, scaling=args.scaling,
+                          mask_radius_px=args.mask_radius, background_components=args.background_components,
+                          unit_frames=args.unit_frames)  # fmt: skip
     out = Path(args.out)
     stats = reduce_run(args.run, out, config=config, index_dir=args.index_dir, work_dir=args.work,
                        scheduler=args.scheduler, cluster=args.cluster, resume=args.resume,

@@ -86,10 +86,17 @@ def add_parser(sub) -> None:
     p.add_argument("--bad-pixel-fraction", type=float, default=1e-3, help="random bad pixels (1e-3)")
     p.add_argument("--energy-kev", type=_positive_float, default=13.6, help="photon energy, keV (13.6)")
     p.add_argument("--clen-mm", type=_positive_float, default=122.4, help="detector distance, mm (122.4)")
-    p.add_argument("--interpolation", default="cubic", choices=("cubic", "linear"),
-                   help="of the |F|² tables at each pixel: cubic (Catmull-Rom) or linear (smooths peaks) (cubic)")
-    p.add_argument("--paired-classes", action="store_true",
-                   help="each pump group of frames holds the same crystals (bias studies; off in real-like runs)")
+    p.add_argument(
+        "--interpolation",
+        default="cubic",
+        choices=("cubic", "linear"),
+        help="of the |F|² tables at each pixel: cubic (Catmull-Rom) or linear (smooths peaks) (cubic)",
+    )
+    p.add_argument(
+        "--paired-classes",
+        action="store_true",
+        help="each pump group of frames holds the same crystals (bias studies; off in real-like runs)",
+    )
     p.add_argument("--no-noise", action="store_true", help="write λ itself, no Poisson noise (bias studies)")
     p.add_argument("--geom", help="CrystFEL .geom of the detector (default: standard SPB quadrant positions)")
     m = p.add_argument_group("pumped crystals: deformation model (as `jaxpolaron simulate`)")

@@ -394,9 +394,9 @@ def _tricubic(tables_flat: jax.Array, n: int, offset: jax.Array, coords: jax.Arr
     Why not trilinear: averaged over a merge voxel, a trilinear interpolant of samples one voxel apart is the
     samples smoothed by [1/8, 3/4, 1/8] per axis, three times the voxel's own box average (variance v²/4 against
     v²/12). Bragg peaks of 4–7 nm crystals are 1.6–3 voxels wide, so that smoothing, which real data do not have,
-    biased the demo's fit by −28 % (docs/closed_loop.md). Catmull–Rom reproduces quadratics, so the voxel
-    averages of its interpolant match the box averages of the tabulated intensity to fourth order. It can
-    overshoot below zero next to a sharp peak; callers clip λ at 0.
+    was the largest part of the demo fit's bias (docs/closed_loop.md). Catmull–Rom reproduces quadratics, so the
+    voxel averages of its interpolant match the box averages of the tabulated intensity to fourth order. It can
+    overshoot below zero next to a sharp peak; `bragg_photons` clips the sum at 0.
     """
     i0 = jnp.floor(coords)
     frac = coords - i0
@@ -468,7 +468,8 @@ def _dispatch(key, det, vol, config, pumped: bool, crystal_key=None):
 def simulate_frame(key: jax.Array, det: Detector, vol: Volumes, config: SyntheticConfig, pumped: bool):
     """One frame: (photons (16, 512, 128) float32 with bad pixels 0, Crystals truth as numpy)."""
     lam, crystals, k_noise = _dispatch(key, det, vol, config, pumped)
-    return poisson_counts(k_noise, np.asarray(lam), np.asarray(det.bad), config.noise), jax.tree.map(np.asarray, crystals)
+    counts = poisson_counts(k_noise, np.asarray(lam), np.asarray(det.bad), config.noise)
+    return counts, jax.tree.map(np.asarray, crystals)
 
 
 def frames(

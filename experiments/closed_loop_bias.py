@@ -154,7 +154,8 @@ def truth_index(index_dir: Path, run_dir: Path, mode: str) -> tuple[Path, dict]:
             for c in range(n_true[t]):
                 row = {name: np.zeros(shape, dtype) for name, (shape, dtype) in COLUMNS.items()}
                 row.update(frame=r, trainId=frames["trainId"][r], pulseId=frames["pulseId"][r],
-                           pumped=frames["pumped"][r], rotation=rot_true[t, c], rotation_indexed=rot_true[t, c])  # fmt: skip
+                           pumped=frames["pumped"][r], rotation=rot_true[t, c],
+                           rotation_indexed=rot_true[t, c])  # fmt: skip
                 for name in COLUMNS:
                     rows[name].append(row[name])
         info.update(crystals=len(rows["frame"]))
@@ -208,7 +209,8 @@ def summary(results: dict) -> str:
         change = "" if previous is None else f"{(p['value'] - previous) / true:+.1%}"
         merged = r.get("merged", {})
         lines.append(f"| {CASES[name][3]} | {merged.get('dark', '?')} / {merged.get('pumped', '?')} | "
-                     f"{p['value']:.4g} ± {p['sigma']:.2g} | {dev / true:+.1%} | {dev / p['sigma']:+.1f} | {change} |")  # fmt: skip
+                     f"{p['value']:.4g} ± {p['sigma']:.2g} | {dev / true:+.1%} | {dev / p['sigma']:+.1f} | "
+                     f"{change} |")  # fmt: skip
         previous = p["value"]
     return "\n".join(lines)
 
@@ -219,10 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trains", type=int, default=10, help="trains of 100 frames (10, as the demo)")
     parser.add_argument("--seed", type=int, default=1, help="synthetic run seed (1, as the demo)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"cases to run ({','.join(CASES)})")
-    parser.add_argument("--interpolation", default="cubic", choices=("cubic", "linear"),
-                        help="of the synthetic run's |F|² tables (cubic; linear: as before the fix)")
-    parser.add_argument("--voxel-points", type=int, default=0,
-                        help="the fit's voxel average (0: automatic, 2 for merged volumes; 1: as before the fix)")
+    parser.add_argument(
+        "--interpolation",
+        default="cubic",
+        choices=("cubic", "linear"),
+        help="of the synthetic run's |F|² tables (cubic; linear: as before the fix)",
+    )
+    parser.add_argument(
+        "--voxel-points",
+        type=int,
+        default=0,
+        help="the fit's voxel average (0: automatic, 2 for merged volumes; 1: as before the fix)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)

@@ -8,7 +8,7 @@
 Each stage is recorded in OUT/demo.json when it finishes; run the command again after a crash or Ctrl-C and
 it continues (the run and the reduction resume from their own checkpoints, finished stages are skipped).
 
-Sized for 2 CPU cores and under 10 minutes: 1,000 frames with ~3 crystals each (sizes 4–7 nm), so ~200
+Sized for 2 CPU cores and about 13 minutes: 1,000 frames with ~3 crystals each (sizes 4–7 nm), so ~200
 crystals per class are merged; a large displacement amplitude so that they show it. The deformation is the
 hole + electron-sphere field with the hole at the crystal centre: deterministic, so the fit can use the exact
 ΔI (a random hole needs many hole samples per size in the run's tables to be fitted faithfully, and at this

@@ -10,10 +10,10 @@ weights w_s are the Gamma weights of the sampled sizes, optionally divided by ea
 A merged voxel is not the intensity at its centre: nearest-voxel merging averages the pixels that fall anywhere in
 the voxel, i.e. the box average of I over the voxel. For 4–7 nm crystals the Bragg peaks are 1.6–3 voxels wide
 (voxel 2/256 Å⁻¹), so the box average lowers and widens them by ~10 %, and a size mixture calibrated on the dark
-then turns that into a deformation bias (−12 % in the amplitude of docs/closed_loop.md's study). `voxel_points`
-= p evaluates the model at the p³ Gauss–Legendre nodes of the voxel and averages them (p = 2: exact for every
-polynomial of degree 3 per axis; `voxel_nodes`); p = 1 is the centre value, right for point-sampled volumes
-(`jaxpolaron simulate --grid`). Cost: p³ times the windows.
+then turns that into a deformation bias (−14 % in the amplitude on the demo's windows, docs/closed_loop.md).
+`voxel_points` = p evaluates the model at the p³ Gauss–Legendre nodes of the voxel and averages them (p = 2:
+exact for every polynomial of degree 3 per axis; `voxel_nodes`); p = 1 is the centre value, right for
+point-sampled volumes (`jaxpolaron simulate --grid`). Cost: p³ times the windows.
 """
 
 from __future__ import annotations
@@ -208,9 +208,7 @@ def calibrate_to_dark(forward: EnsembleForward, windows) -> EnsembleForward:
 
     layout = windows.layout
     per_size = [
-        np.asarray(
-            weighted_mean(rotate_back(layout, forward.dark_of(c)), windows.counts_dark)
-        )
+        np.asarray(weighted_mean(rotate_back(layout, forward.dark_of(c)), windows.counts_dark))
         for c in forward.crystals
     ]
     visits = windows.counts_dark.sum(0)
