@@ -31,6 +31,8 @@ from jaxpolaron.errors import InputError
 log = logging.getLogger(__name__)
 
 VOLUMES_FILE = "volumes.hdf5"  # not *.h5: extra-data would try to open it as a run file
+# what a run killed before its first sequence was complete holds besides the tables (`--resume` rewrites them)
+RESUMABLE_LEFTOVERS = ("config.json", "agipd.geom", "truth.hdf5", "karabo_data_map.json")
 MODEL_FLAGS = (
     "k_cs",
     "k_pb",
@@ -277,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
         trains_per_file=args.trains_per_file,
         progress=not args.quiet,
         start_sequence=start,
-        allow=(VOLUMES_FILE,),
+        # killed during the first sequence: its config, geometry and truth files are there and are rewritten (and
+        # extra-data may have left its file-map cache if the partial run was opened)
+        allow=(VOLUMES_FILE, *(RESUMABLE_LEFTOVERS if args.resume else ())),
     )
     n_new = layout.n_frames - min(start * per_seq, layout.n_frames)
     log.info("wrote %d frames to %s in %.1f s (%.3f s/frame)", n_new, out, time.perf_counter() - t1,

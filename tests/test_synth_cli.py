@@ -170,6 +170,18 @@ def test_resume_gives_identical_run(run_dir, tmp_path):
     assert main(["synth-run", str(cut), *PUMPED, "--resume"]) == 0  # already complete: nothing to do
 
 
+def test_resume_of_a_run_killed_in_its_first_sequence(run_dir, tmp_path):
+    cut = _copy(run_dir, tmp_path, "first")
+    for p in cut.glob("*-S0000*.h5"):  # no sequence complete: only config, geometry, truth and tables remain
+        p.unlink()
+    (cut / run_io.PARTIAL_DIR).mkdir()
+    assert main(["synth-run", str(cut), *PUMPED, "--resume"]) == 0
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+    t0, t1 = run_io.read_truth(run_dir), run_io.read_truth(cut)
+    for key in ("trainId", "pulseId", "n_crystals", "rotations"):
+        np.testing.assert_array_equal(t0[key], t1[key])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
