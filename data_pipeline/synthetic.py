@@ -69,6 +69,8 @@ class SyntheticConfig:
     3–4 nm give 0 peaks, 5 nm ~3, 6 nm ~11, 7–8 nm ~20. Found peaks scale steeply with fluence (1e14:
     per-crystal median 12; 3e13: median 1). It is higher than a typical SPB focus delivers.
     n_variants: hole realisations tabulated per size for a random deformation model.
+    interpolation: of the tables at each pixel's q, "cubic" (Catmull–Rom, `_tricubic`) or "linear" (trilinear:
+    faster, but smooths the peaks; docs/closed_loop.md).
     paired, noise: switches for bias studies, off in a real-like run. `paired`: every frame of a pump group (the
     `pump_every` consecutive frames of `RunLayout`) holds the same crystals (sizes, orientations), so dark and
     pumped classes differ only by the deformation. `noise` False: frames are λ itself, no Poisson draw.
@@ -91,8 +93,8 @@ class SyntheticConfig:
     grid_n: int = 257  # volume samples per axis
     q_max: float = 1.0  # Å⁻¹, half-width of the volume (must cover the detector's |q|)
     n_variants: int = 4  # hole realisations per size (random models)
-    # truth-side switches of the closed-loop bias study (experiments/closed_loop_bias.py); defaults = a real run
     interpolation: str = "cubic"  # of the |F|² tables at the pixels' q: "cubic" (Catmull–Rom) or "linear"
+    # truth-side switches of the closed-loop bias study (experiments/closed_loop_bias.py); defaults = a real run
     paired: bool = False  # the frames of one pump group (pump_every frames) hold the same crystals
     noise: bool = True  # False: the expected photons λ instead of Poisson counts
 
