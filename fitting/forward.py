@@ -201,7 +201,6 @@ def calibrate_to_dark(forward: EnsembleForward, windows) -> EnsembleForward:
     a_fs then weight the sizes' ΔI. Weights absorb the intensity scale (the objective's dark scale becomes ~1).
     Returns a forward whose weights are (n_sizes, n_members).
     """
-    import numpy as np
     from scipy.optimize import nnls
 
     from fitting.windows import rotate_back, weighted_mean
