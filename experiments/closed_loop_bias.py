@@ -94,16 +94,6 @@ def index_run(run_dir: Path) -> Path:
     return index_dir
 
 
-def misorientation_deg(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest rotation angle between orientations a and b (q_lab = R q_crystal) over the 24 settings of the
-    pseudo-cubic lattice, degrees."""
-    from fitting.windows import cubic_rotations
-
-    rel = np.einsum("ji,sjk->sik", a, b @ cubic_rotations())  # aᵀ b S for every S... as (24, 3, 3)
-    cos = np.clip((np.trace(rel, axis1=1, axis2=2) - 1.0) / 2.0, -1.0, 1.0)
-    return float(np.degrees(np.arccos(cos.max())))
-
-
 def truth_index(index_dir: Path, run_dir: Path, mode: str) -> tuple[Path, dict]:
     """A copy of `index_dir` whose crystals.h5 holds truth orientations: "matched" (the indexed crystals that
     match a truth crystal of their frame, with its exact orientation) or "all" (every truth crystal, every frame
@@ -111,6 +101,7 @@ def truth_index(index_dir: Path, run_dir: Path, mode: str) -> tuple[Path, dict]:
     import h5py
 
     from data_pipeline.crystal_table import COLUMNS, CrystalTableWriter, read_crystal_table
+    from data_pipeline.indexing import misorientation_deg
     from data_pipeline.io import read_cxi_frames
 
     dest = index_dir.with_name(index_dir.name + f"_truth_{mode}")
@@ -136,7 +127,7 @@ def truth_index(index_dir: Path, run_dir: Path, mode: str) -> tuple[Path, dict]:
             if not len(cands):
                 unmatched += 1
                 continue
-            d = [misorientation_deg(table["rotation"][i], c) for c in cands]
+            d = [float(misorientation_deg(table["rotation"][i], c)) for c in cands]
             best = int(np.argmin(d))
             if d[best] > MATCH_DEG:
                 unmatched += 1
